@@ -1,0 +1,245 @@
+"""CAM pseudo-boxes (DAP step 2), batched as tensors on the actor's device.
+
+``cam_to_boxes`` turns raw class activation maps into boxes: min-max normalise,
+threshold at several τ, label connected components (8-connectivity), drop components
+smaller than ``min_component_ratio`` of the largest one, fit a box to each by weighted
+moments, then merge the boxes of all thresholds with NMS. There are no per-pixel Python
+loops: components are found by iterated max-pool label propagation and moments by
+scatter-adds, for the whole batch at once.
+
+``CamBoxMiner`` is the per-batch callable that Ray Data runs in an actor pool: it loads
+the classifier once, computes multi-scale + flip CAMs for every image-level label and
+returns boxes in image pixels.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms
+
+DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
+
+
+def normalize_cams(cams: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each map of ``[B, H, W]`` to [0, 1]; a constant map becomes 0."""
+    flat = cams.flatten(1)
+    lo = flat.min(dim=1).values[:, None, None]
+    hi = flat.max(dim=1).values[:, None, None]
+    return (cams - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def connected_components(mask: torch.Tensor, check_every: int = 4) -> torch.Tensor:
+    """8-connected component labels of ``mask [N, H, W]`` (bool).
+
+    Returns int64 labels in ``[0, H*W]`` per map, 0 for background; a component's label
+    is the largest ``1 + flat index`` among its pixels (max propagation by 3×3 max-pool
+    until nothing changes).
+    """
+    n, h, w = mask.shape
+    if n == 0 or h * w == 0:
+        return torch.zeros_like(mask, dtype=torch.int64)
+    # float32 holds integers exactly up to 2**24, far above any CAM's H*W; float64 otherwise.
+    dtype = torch.float32 if h * w < 2**24 else torch.float64
+    seeds = torch.arange(1, h * w + 1, device=mask.device, dtype=dtype).view(1, h, w)
+    fmask = mask.to(dtype)
+    labels = (seeds * fmask).unsqueeze(1)
+    fmask = fmask.unsqueeze(1)
+    while True:
+        for _ in range(check_every):
+            new = F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * fmask
+            labels, prev = new, labels
+        if torch.equal(labels, prev):
+            break
+    return labels.squeeze(1).to(torch.int64)
+
+
+def cam_to_boxes(cams: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, nms_iou: float = 0.8,
+                 min_component_ratio: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Raw CAMs ``[B, H, W]`` → B pairs ``(boxes [N, 4] xyxy, scores [N])`` in CAM pixels.
+
+    Pixel (i, j) has centre (j + 0.5, i + 0.5). For each threshold τ, M = CAM·1{CAM > τ}
+    on the normalised CAM; each kept component gets the box centred on its M-weighted
+    mean with side sqrt(12·weighted variance), clipped to the map. A box's score is the
+    mean normalised CAM inside its component. Boxes from all thresholds are merged with
+    NMS at ``nms_iou`` and returned by descending score.
+    """
+    if cams.dim() != 3:
+        raise ValueError(f"cams must be [B, H, W], got shape {tuple(cams.shape)}")
+    b, h, w = cams.shape
+    device = cams.device
+    empty = [(torch.zeros((0, 4), device=device), torch.zeros((0,), device=device)) for _ in range(b)]
+    if b == 0 or h == 0 or w == 0:
+        return empty
+    cams = normalize_cams(cams.float())
+    taus = torch.as_tensor(thresholds, dtype=cams.dtype, device=device)
+    t = taus.numel()
+    # One map per (image, threshold): index m = image * T + threshold.
+    values = cams.unsqueeze(1).expand(b, t, h, w).reshape(b * t, h, w)
+    mask = values > taus.repeat(b).view(-1, 1, 1)
+    local = connected_components(mask)
+
+    fg = local > 0
+    if not fg.any():
+        return empty
+    map_idx = torch.arange(b * t, device=device).view(-1, 1, 1).expand_as(local)
+    global_label = map_idx[fg] * (h * w + 1) + local[fg]
+    comp_ids, comp_of_pixel = torch.unique(global_label, return_inverse=True)
+    num_comp = comp_ids.numel()
+    comp_map = comp_ids // (h * w + 1)
+
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=cams.dtype) + 0.5,
+                            torch.arange(w, device=device, dtype=cams.dtype) + 0.5, indexing="ij")
+    x = xs.expand_as(values)[fg]
+    y = ys.expand_as(values)[fg]
+    m = values[fg]  # M = CAM inside the mask
+
+    def per_comp(v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(num_comp, device=device, dtype=v.dtype).index_add_(0, comp_of_pixel, v)
+
+    area = per_comp(torch.ones_like(m))
+    mass = per_comp(m).clamp_min(1e-12)
+    xc = per_comp(m * x) / mass
+    yc = per_comp(m * y) / mass
+    var_x = per_comp(m * (x - xc[comp_of_pixel]) ** 2) / mass
+    var_y = per_comp(m * (y - yc[comp_of_pixel]) ** 2) / mass
+    half_w = torch.sqrt(12.0 * var_x) / 2
+    half_h = torch.sqrt(12.0 * var_y) / 2
+    scores = per_comp(m) / area
+
+    largest = torch.zeros(b * t, device=device, dtype=area.dtype).scatter_reduce(
+        0, comp_map, area, reduce="amax", include_self=True)
+    keep = area >= min_component_ratio * largest[comp_map]
+
+    boxes = torch.stack([(xc - half_w).clamp(0, w), (yc - half_h).clamp(0, h),
+                         (xc + half_w).clamp(0, w), (yc + half_h).clamp(0, h)], dim=1)
+    boxes, scores, image_of_box = boxes[keep], scores[keep], (comp_map // t)[keep]
+    kept = batched_nms(boxes, scores, image_of_box, nms_iou)  # sorted by descending score
+    boxes, scores, image_of_box = boxes[kept], scores[kept], image_of_box[kept]
+    return [(boxes[image_of_box == i], scores[image_of_box == i]) for i in range(b)]
+
+
+# ---------------------------------------------------------------- the mining actor
+
+def resize_short_side(image: torch.Tensor, size: int, stride: int = 32) -> torch.Tensor:
+    """Resize ``[3, H, W]`` so the short side is ``size`` (aspect kept)."""
+    h, w = image.shape[-2:]
+    s = size / min(h, w)
+    return F.interpolate(image[None], size=(max(stride, round(h * s)), max(stride, round(w * s))),
+                         mode="bilinear", align_corners=False)[0]
+
+
+def pad_batch(images: list[torch.Tensor], stride: int = 32) -> torch.Tensor:
+    """Stack ``[3, h, w]`` images into one zero-padded batch, sides rounded up to ``stride``."""
+    hmax = math.ceil(max(i.shape[1] for i in images) / stride) * stride
+    wmax = math.ceil(max(i.shape[2] for i in images) / stride) * stride
+    out = images[0].new_zeros((len(images), 3, hmax, wmax))
+    for k, im in enumerate(images):
+        out[k, :, : im.shape[1], : im.shape[2]] = im
+    return out
+
+
+def multiscale_cams(model, images: list[torch.Tensor], image_idx: torch.Tensor, labels: torch.Tensor,
+                    scales=(288, 576), flip: bool = True, stride: int = 32) -> tuple[torch.Tensor, list]:
+    """CAMs for (image, label) pairs, averaged over scales and horizontal flip.
+
+    ``images`` are normalised ``[3, H, W]`` tensors. Returns ``[P, Hc, Wc]`` CAMs padded
+    with each map's own minimum (so padding never survives normalisation) and, per
+    pair, the valid CAM size ``(hc, wc)`` that spans the whole image.
+    """
+    from pseudobox.models.classifier import class_activation_maps
+
+    top = max(scales)
+    valid = []
+    for im in images:
+        h, w = im.shape[1:]
+        s = top / min(h, w)
+        valid.append((math.ceil(round(h * s) / stride), math.ceil(round(w * s) / stride)))
+    per_image_sum = [None] * len(images)
+    for size in scales:
+        resized = [resize_short_side(im, size, stride) for im in images]
+        views = [resized] + ([[r.flip(-1) for r in resized]] if flip else [])
+        for v, view in enumerate(views):
+            batch = pad_batch(view, stride)
+            cams = class_activation_maps(model, batch, image_idx, labels)  # [P, h, w]
+            for p in range(len(labels)):
+                i = int(image_idx[p])
+                hh = math.ceil(view[i].shape[1] / stride)
+                ww = math.ceil(view[i].shape[2] / stride)
+                cam = cams[p, :hh, :ww]
+                if v == 1:
+                    cam = cam.flip(-1)
+                cam = F.interpolate(cam[None, None], size=valid[i], mode="bilinear", align_corners=False)[0, 0]
+                per_image_sum[p] = cam if per_image_sum[p] is None else per_image_sum[p] + cam
+    n_views = len(scales) * (2 if flip else 1)
+    hc = max(v[0] for v in valid)
+    wc = max(v[1] for v in valid)
+    out = torch.empty((len(labels), hc, wc), device=labels.device)
+    pair_sizes = []
+    for p in range(len(labels)):
+        cam = per_image_sum[p] / n_views
+        out[p] = cam.min()
+        out[p, : cam.shape[0], : cam.shape[1]] = cam
+        pair_sizes.append(tuple(cam.shape))
+    return out, pair_sizes
+
+
+class CamBoxMiner:
+    """Ray Data actor: decoded batch → CAM pseudo-boxes in image pixels.
+
+    Loaded once per actor from a classifier checkpoint on storage; runs on CUDA when the
+    actor was given a GPU. Rows with a decode error pass through with no boxes.
+    """
+
+    source = "cam"
+
+    def __init__(self, checkpoint_uri: str, scales=(288, 576), flip: bool = True,
+                 thresholds=DEFAULT_THRESHOLDS, nms_iou: float = 0.8, min_component_ratio: float = 0.5,
+                 device: str = "auto", threads: int | None = None):
+        from pseudobox.models.classifier import load_classifier
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if device == "auto" else device))
+        self.model, self.meta = load_classifier(checkpoint_uri, device=self.device)
+        self.scales, self.flip = tuple(scales), flip
+        self.thresholds, self.nms_iou, self.min_component_ratio = tuple(thresholds), nms_iou, min_component_ratio
+
+    @torch.inference_mode()
+    def mine(self, images: list[np.ndarray], labels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per image: (boxes [N,4] image pixels, box labels [N], scores [N])."""
+        from pseudobox.models.classifier import normalize_images
+
+        if not images:
+            return []
+        tensors = [normalize_images(torch.from_numpy(np.ascontiguousarray(im)).to(self.device)) for im in images]
+        image_idx = torch.as_tensor([i for i, ls in enumerate(labels) for _ in ls], dtype=torch.int64, device=self.device)
+        pair_labels = torch.as_tensor([int(c) for ls in labels for c in ls], dtype=torch.int64, device=self.device)
+        results = [(np.zeros((0, 4), np.float32), np.zeros((0,), np.int64), np.zeros((0,), np.float32))
+                   for _ in images]
+        if len(pair_labels) == 0:
+            return results
+        cams, sizes = multiscale_cams(self.model, tensors, image_idx, pair_labels, self.scales, self.flip)
+        per_pair = cam_to_boxes(cams, self.thresholds, self.nms_iou, self.min_component_ratio)
+        collected: list[list] = [[] for _ in images]
+        for p, (boxes, scores) in enumerate(per_pair):
+            i = int(image_idx[p])
+            hc, wc = sizes[p]
+            h, w = images[i].shape[:2]
+            scale = boxes.new_tensor([w / wc, h / hc, w / wc, h / hc])
+            collected[i].append((boxes * scale, torch.full_like(scores, int(pair_labels[p]), dtype=torch.int64), scores))
+        for i, parts in enumerate(collected):
+            if parts:
+                results[i] = tuple(torch.cat(x).cpu().numpy() for x in zip(*parts))
+                results[i] = (results[i][0].astype(np.float32), results[i][1], results[i][2].astype(np.float32))
+        return results
+
+    def __call__(self, batch: dict) -> dict:
+        from pseudobox.mining.outputs import mined_rows
+
+        ok = [i for i in range(len(batch["key"])) if not batch["error"][i]]
+        mined = self.mine([batch["image"][i] for i in ok], [batch["labels"][i] for i in ok])
+        return mined_rows(batch, dict(zip(ok, mined)), self.source)

@@ -1,0 +1,177 @@
+"""``pseudobox demo``: the whole DAP chain on a synthetic corpus, on a laptop.
+
+1. start local Ray; 2. build a classification corpus (pre-training classes) and a
+detection set (other classes); 3. train the classifier; 4. mine CAM boxes (CorLoc);
+5. DAP pre-train; 6. fine-tune CLS-init and DAP-init detectors on a k-shot split;
+7. print and write the results (``WORKDIR/report.html``, ``WORKDIR/results.json``).
+Every step is the same stage function the CLI runs, with small settings.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from pseudobox import storage
+from pseudobox.config import require
+from pseudobox.engine import OptimConfig
+from pseudobox.models.detectors import DetectorArch
+from pseudobox.pipelines import (
+    build_corpus, finetune, mine, pretrain, report, split, train_classifier, trainer,
+)
+from pseudobox.pipelines.common import RayConfig, init_ray, log
+
+
+@dataclass
+class DemoConfig:
+    workdir: str = "./pseudobox-demo"
+    image_size: int = 96
+    pretrain_images: int = 1600
+    downstream_images: int = 300
+    test_images: int = 200
+    kshot: int = 10
+    depth: int = 18
+    detector: str = "faster_rcnn"
+    classifier_iters: int = 300
+    pretrain_iters: int = 200
+    finetune_iters: int = 150
+    batch_size: int = 8
+    cam_scales: tuple[int, ...] = (128, 256)
+    num_workers: int = 2
+    seed: int = 0
+    ray: RayConfig = field(default_factory=lambda: RayConfig(num_cpus=max(4, os.cpu_count() or 2)))
+
+    def validate(self) -> None:
+        require(self.image_size >= 64, "image_size must be >= 64")
+        require(self.kshot >= 1 and self.num_workers >= 1, "kshot and num_workers must be >= 1")
+        require(min(self.classifier_iters, self.pretrain_iters, self.finetune_iters) >= 1, "iters must be >= 1")
+        self.ray.validate()
+
+
+def _workers(cfg: DemoConfig) -> trainer.WorkersConfig:
+    return trainer.WorkersConfig(num_workers=cfg.num_workers, use_gpu="auto", cpus_per_worker=1, max_failures=1)
+
+
+def _arch(cfg: DemoConfig, min_sizes) -> DetectorArch:
+    return DetectorArch(detector=cfg.detector, depth=cfg.depth, frozen_bn=True, freeze_at=1,
+                        min_size=tuple(min_sizes), max_size=4 * cfg.image_size, test_size=cfg.image_size)
+
+
+def _optim(cfg: DemoConfig, iters: int, lr: float) -> OptimConfig:
+    return OptimConfig(lr=lr, max_iters=iters, batch_size=cfg.batch_size, warmup_iters=min(50, iters // 4),
+                       checkpoint_every=max(iters // 2, 1), log_every=max(iters // 30, 1))
+
+
+def _gallery_items(cfg: DemoConfig, corpus: str, boxes_uri: str, n: int = 12) -> list[dict]:
+    from pseudobox.datasets.corpus import iter_corpus
+    from pseudobox.mining.outputs import load_mined_boxes
+
+    items, cache = [], {}
+    for s in iter_corpus(corpus):
+        mined = cache.setdefault(s["shard"], load_mined_boxes(boxes_uri, s["shard"])).get(s["key"])
+        if mined is None:
+            continue
+        items.append({"key": s["key"], "image": s["image"], "boxes": mined[0], "labels": mined[1],
+                      "gt_boxes": s["boxes"], "gt_labels": s["box_labels"]})
+        if len(items) >= n:
+            break
+    return items
+
+
+def run(cfg: DemoConfig) -> dict:
+    t0 = time.time()
+    w = os.path.abspath(cfg.workdir)
+    p = {name: os.path.join(w, name) for name in
+         ("corpus", "downstream", "test", "classifier", "boxes", "dap", "split.json", "ft-cls", "ft-dap")}
+    storage.makedirs(w)
+    init_ray(cfg.ray)
+    timings = {}
+
+    def step(name, fn):
+        t = time.time()
+        log.info("demo: %s ...", name)
+        out = fn()
+        timings[name] = round(time.time() - t, 1)
+        log.info("demo: %s done in %.1fs", name, timings[name])
+        return out
+
+    size = cfg.image_size
+
+    def build(out, style, classes, n, seed):
+        if storage.exists(os.path.join(out, "corpus.json")):
+            return
+        build_corpus.run(build_corpus.BuildCorpusConfig(
+            builder="synthetic", output=out, samples_per_shard=200,
+            synthetic=build_corpus.SyntheticConfig(style=style, classes=classes, num_images=n,
+                                                   image_size=size, seed=seed)))
+
+    step("build corpora", lambda: (build(p["corpus"], "classification", "pretrain", cfg.pretrain_images, cfg.seed),
+                                   build(p["downstream"], "detection", "downstream", cfg.downstream_images, cfg.seed + 1),
+                                   build(p["test"], "detection", "downstream", cfg.test_images, cfg.seed + 2)))
+    cls_ckpt = step("train classifier", lambda: train_classifier.run(train_classifier.TrainClassifierConfig(
+        corpus=p["corpus"], output=p["classifier"],
+        model=train_classifier.ClassifierModelConfig(depth=cfg.depth),
+        optim=_optim(cfg, cfg.classifier_iters, 0.1), image_size=size, workers=_workers(cfg), ray=cfg.ray)))
+    mining = step("mine CAM boxes", lambda: mine.run(mine.MineConfig(
+        corpus=p["corpus"], checkpoint=p["classifier"], output=p["boxes"],
+        cam=mine.CamConfig(scales=cfg.cam_scales), batch_size=32, min_actors=1, max_actors=2, ray=cfg.ray)))
+    log.info("demo: CAM boxes: CorLoc %.1f%%, recall@0.5 %.1f%%", mining["corloc"] or 0, mining["recall50"] or 0)
+    dap_ckpt = step("DAP pre-train", lambda: pretrain.run(pretrain.PretrainConfig(
+        corpus=p["corpus"], boxes=p["boxes"], classifier=p["classifier"], output=p["dap"],
+        model=_arch(cfg, (size * 2 // 3, size, size * 4 // 3)), optim=_optim(cfg, cfg.pretrain_iters, 0.02),
+        workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
+    step("k-shot split", lambda: split.run(split.SplitConfig(corpus=p["downstream"], output=p["split.json"],
+                                                             k=cfg.kshot, seed=cfg.seed)))
+    results = {}
+    for init, ckpt, out in (("classifier", p["classifier"], p["ft-cls"]), ("detector", p["dap"], p["ft-dap"])):
+        name = "CLS" if init == "classifier" else "DAP"
+        results[name] = step(f"fine-tune {name}-init", lambda: finetune.run(finetune.FinetuneConfig(
+            corpus=p["downstream"], split=p["split.json"], init=init, checkpoint=ckpt, output=out,
+            eval_corpus=p["test"], model=_arch(cfg, (size * 3 // 4, size, size * 5 // 4)),
+            optim=_optim(cfg, cfg.finetune_iters, 0.02), workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
+
+    summary = {"mining": {k: mining[k] for k in ("corloc", "recall50", "boxes_per_image", "ok", "errors")},
+               "finetune": {k: v["metrics"] for k, v in results.items()}, "seconds": timings,
+               "total_seconds": round(time.time() - t0, 1), "config": {"kshot": cfg.kshot, "depth": cfg.depth,
+                                                                      "detector": cfg.detector}}
+    storage.write_json(os.path.join(w, "results.json"), summary)
+    write_report(cfg, w, p, summary, cls_ckpt, dap_ckpt, results)
+    print(format_table(summary))
+    print(f"report: {os.path.join(w, 'report.html')}")
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    m = summary["mining"]
+    lines = [f"pseudo-boxes: CorLoc {m['corloc']:.1f}%  recall@0.5 {m['recall50']:.1f}%  "
+             f"{m['boxes_per_image']:.2f} boxes/image over {m['ok']} images",
+             f"{'init':<6}{'AP':>7}{'AP50':>7}{'AP75':>7}{'VOC AP50':>10}"]
+    for name, r in summary["finetune"].items():
+        lines.append(f"{name:<6}{r['AP']:>7.1f}{r['AP50']:>7.1f}{r['AP75']:>7.1f}{r['VOC_AP50']:>10.1f}")
+    lines.append(f"total {summary['total_seconds']:.0f}s")
+    return "\n".join(lines)
+
+
+def write_report(cfg, workdir, p, summary, cls_ckpt, dap_ckpt, results) -> None:
+    from pseudobox.datasets.corpus import load_manifest
+
+    classes = load_manifest(p["corpus"]).classes
+    m = summary["mining"]
+    rows = [[name, f"{r['AP']:.1f}", f"{r['AP50']:.1f}", f"{r['AP75']:.1f}", f"{r['VOC_AP50']:.1f}",
+             f"{r['VOC_AP50_07']:.1f}"] for name, r in summary["finetune"].items()]
+    sections = [
+        ("Pseudo-box quality (CAM)", report.table(
+            [[f"{m['corloc']:.1f}", f"{m['recall50']:.1f}", f"{m['boxes_per_image']:.2f}", m["ok"], m["errors"]]],
+            ["CorLoc %", "recall@0.5 %", "boxes/image", "images", "errors"])),
+        (f"{cfg.kshot}-shot fine-tuning on the downstream classes", report.table(
+            rows, ["init", "AP", "AP50", "AP75", "VOC AP50", "VOC AP50 (07)"])),
+        ("Training curves", report.svg_curves({"classifier": report.loss_series(cls_ckpt.get("history", []))},
+                                              "classifier loss")
+         + report.svg_curves({"DAP pre-training": report.loss_series(dap_ckpt.get("history", []))}, "detector pre-training loss")
+         + report.svg_curves({k: report.loss_series(v.get("history", [])) for k, v in results.items()},
+                             "fine-tuning loss (CLS-init vs DAP-init)")),
+        ("Mined pseudo-boxes", report.gallery(_gallery_items(cfg, p["corpus"], p["boxes"]), classes)),
+        ("Stage timings (s)", report.table([[k, v] for k, v in summary["seconds"].items()], ["stage", "seconds"])),
+    ]
+    storage.write_text(os.path.join(workdir, "report.html"), report.render("pseudobox demo", sections))
+

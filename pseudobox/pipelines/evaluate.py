@@ -1,0 +1,116 @@
+"""Stage ``evaluate``: COCO and VOC metrics of a detector checkpoint on a corpus.
+
+``evaluate_detector`` works on any model that maps a list of CHW float images to
+torchvision-style detections, so every later method (teachers, students) reuses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from pseudobox import storage
+from pseudobox.config import require
+from pseudobox.pipelines.common import log
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = ""
+    corpus: str = ""
+    split: str = ""   # optional split file (JSON with "keys") restricting the images
+    output: str = ""  # optional metrics JSON URI
+    test_size: int = 0  # short side at test time; 0 = the checkpoint's model.test_size
+    batch_size: int = 8
+    device: str = "auto"
+
+    def validate(self) -> None:
+        require(bool(self.checkpoint) and bool(self.corpus), "checkpoint and corpus are required")
+        require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(self.test_size == 0 or self.test_size >= 32, "test_size must be 0 or >= 32")
+
+    def check_paths(self) -> None:
+        from pseudobox.datasets.corpus import load_manifest
+        from pseudobox.models.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(self.checkpoint)
+        storage.check_readable(self.corpus, "corpus")
+        load_manifest(self.corpus)
+        if self.split:
+            storage.check_readable(self.split, "split")
+        if self.output:
+            storage.check_writable(self.output, "output")
+
+
+def evaluate_detector(predict_fn: Callable[[list[torch.Tensor]], list[dict]], samples: Iterable[dict],
+                      class_names: list[str], batch_size: int = 8, device="cpu") -> dict:
+    """Run ``predict_fn`` over decoded samples with GT boxes; COCO + VOC metrics (percent)."""
+    from pseudobox.evaluation import evaluate_coco, evaluate_voc
+    from pseudobox.models.detectors import detector_images
+
+    gts, preds, chunk = [], [], []
+
+    def flush():
+        outs = predict_fn(detector_images([s["image"] for s in chunk], device))
+        for s, o in zip(chunk, outs):
+            preds.append({"key": s["key"], **o})
+        chunk.clear()
+
+    for s in samples:
+        h, w = s["image"].shape[:2]
+        gts.append({"key": s["key"], "boxes": torch.as_tensor(s.get("boxes", torch.zeros(0, 4))),
+                    "labels": torch.as_tensor(s.get("box_labels", torch.zeros(0, dtype=torch.int64))),
+                    "width": w, "height": h})
+        chunk.append(s)
+        if len(chunk) >= batch_size:
+            flush()
+    if chunk:
+        flush()
+    if not gts:
+        raise ValueError("no evaluation images (check the corpus and split)")
+    metrics = {"images": len(gts), **evaluate_coco(gts, preds, class_names)}
+    voc = evaluate_voc(gts, preds, len(class_names))
+    metrics.update({"VOC_AP50": voc["AP50"], "VOC_AP50_07": voc["AP50_07"]})
+    return metrics
+
+
+def load_detector(uri: str, device="cpu", test_size: int = 0):
+    """Rebuild a detector from its checkpoint (eval mode, test-time short side set)."""
+    from pseudobox.config import from_dict
+    from pseudobox.models.checkpoint import load_checkpoint
+    from pseudobox.models.detectors import DetectorArch, build_detector
+
+    ckpt = load_checkpoint(uri, expect_type="detector")
+    arch = from_dict(DetectorArch, ckpt["arch"])
+    model = build_detector(arch, len(ckpt["class_names"]))
+    model.load_state_dict(ckpt["model_state"])
+    model.transform.min_size = (test_size or arch.test_size,)
+    return model.to(device).eval(), ckpt
+
+
+def read_split_keys(uri: str) -> set[str]:
+    return set(storage.read_json(uri)["keys"])
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    from pseudobox.datasets.corpus import iter_corpus, load_manifest
+    from pseudobox.models.detectors import predict
+
+    cfg.check_paths()
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    model, ckpt = load_detector(cfg.checkpoint, device, cfg.test_size)
+    manifest = load_manifest(cfg.corpus)
+    if manifest.classes != ckpt["class_names"]:
+        raise ValueError(f"the checkpoint's classes {ckpt['class_names']} differ from the corpus's {manifest.classes}")
+    errors: dict = {}
+    keys = read_split_keys(cfg.split) if cfg.split else None
+    metrics = evaluate_detector(lambda ims: predict(model, ims), iter_corpus(cfg.corpus, errors, keys),
+                                manifest.classes, cfg.batch_size, device)
+    metrics["errors"] = errors
+    log.info("evaluate: AP %.1f AP50 %.1f VOC AP50 %.1f on %d images", metrics["AP"], metrics["AP50"],
+             metrics["VOC_AP50"], metrics["images"])
+    if cfg.output:
+        storage.write_json(cfg.output, metrics)
+    return metrics

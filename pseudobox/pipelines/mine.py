@@ -1,0 +1,116 @@
+"""Stage ``mine``: pseudo-boxes for every corpus image on a Ray Data actor pool.
+
+read shards (CPU tasks) → decode (CPU tasks) → box source (autoscaling actor pool,
+one GPU per actor when the cluster has GPUs) → one parquet part per shard, written by
+the driver as each shard completes. Re-running skips shards whose part exists.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pseudobox import storage
+from pseudobox.config import require, to_dict
+from pseudobox.mining import outputs
+from pseudobox.pipelines.common import RayConfig, init_ray, log, resolve_use_gpu
+
+SOURCES = ("cam",)
+
+
+@dataclass
+class CamConfig:
+    scales: tuple[int, ...] = (288, 576)
+    flip: bool = True
+    thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
+    nms_iou: float = 0.8
+    min_component_ratio: float = 0.5
+
+    def validate(self) -> None:
+        require(len(self.scales) > 0 and all(s >= 32 for s in self.scales), "cam.scales must be short sides >= 32")
+        require(len(self.thresholds) > 0 and all(0 < t < 1 for t in self.thresholds),
+                "cam.thresholds must lie strictly between 0 and 1")
+        require(0 < self.nms_iou <= 1, "cam.nms_iou must be in (0, 1]")
+        require(0 <= self.min_component_ratio <= 1, "cam.min_component_ratio must be in [0, 1]")
+
+
+@dataclass
+class MineConfig:
+    corpus: str = ""
+    checkpoint: str = ""
+    output: str = ""
+    source: str = "cam"
+    cam: CamConfig = field(default_factory=CamConfig)
+    batch_size: int = 16
+    min_actors: int = 1
+    max_actors: int = 2
+    use_gpu: str = "auto"
+    cpus_per_actor: float = 1.0
+    export_coco: bool = True
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        for name in ("corpus", "checkpoint", "output"):
+            require(bool(getattr(self, name)), f"{name} is required (e.g. {name}=s3://bucket/path)")
+        require(self.source in SOURCES, f"source must be one of {SOURCES}, got {self.source!r}")
+        require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(1 <= self.min_actors <= self.max_actors, "need 1 <= min_actors <= max_actors")
+        require(self.use_gpu in ("auto", "true", "false"), "use_gpu must be auto, true or false")
+        require(self.cpus_per_actor > 0, "cpus_per_actor must be > 0")
+        self.cam.validate()
+        self.ray.validate()
+
+    def check_paths(self) -> None:
+        """Fail before any Ray work when an input is missing or the output unwritable."""
+        from pseudobox.datasets.corpus import load_manifest
+        from pseudobox.models.checkpoint import resolve_checkpoint
+
+        storage.check_readable(self.corpus, "corpus")
+        load_manifest(self.corpus)
+        resolve_checkpoint(self.checkpoint)
+        storage.check_writable(self.output, "output")
+
+
+def run(cfg: MineConfig) -> dict:
+    """Mine every pending shard; returns the run summary (also written to mining.json)."""
+    from pseudobox.datasets import ray_io
+    from pseudobox.datasets.corpus import load_manifest
+    from pseudobox.mining.cam import CamBoxMiner
+
+    cfg.check_paths()
+    manifest = load_manifest(cfg.corpus)
+    done = outputs.done_shards(cfg.output)
+    pending = [s.name for s in manifest.shards if s.name not in done]
+    log.info("mine: %d shards, %d already complete, %d to do", len(manifest.shards), len(done), len(pending))
+    started = time.time()
+    if pending:
+        init_ray(cfg.ray)
+        use_gpu = resolve_use_gpu(cfg.use_gpu)
+        ds = ray_io.decoded_corpus(cfg.corpus, keep_errors=True, shards=pending, batch_size=cfg.batch_size)
+        mined = ds.map_batches(
+            CamBoxMiner,
+            fn_constructor_kwargs={"checkpoint_uri": cfg.checkpoint, "scales": cfg.cam.scales, "flip": cfg.cam.flip,
+                                   "thresholds": cfg.cam.thresholds, "nms_iou": cfg.cam.nms_iou,
+                                   "min_component_ratio": cfg.cam.min_component_ratio,
+                                   "threads": None if use_gpu else max(1, int(cfg.cpus_per_actor))},
+            batch_size=cfg.batch_size, batch_format="numpy",
+            concurrency=(cfg.min_actors, cfg.max_actors),
+            num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_actor,
+        )
+        writer = outputs.ShardPartWriter(cfg.output, {s.name: s.num_samples for s in manifest.shards}, cfg.source)
+        n_rows = 0
+        for batch in mined.iter_batches(batch_size=None, batch_format="numpy"):
+            n_rows += len(batch["key"])
+            for shard in writer.add_batch(batch):
+                log.info("mine: shard %s complete (%d rows so far)", shard, n_rows)
+        writer.close()
+    summary = outputs.summarize(outputs.load_reports(cfg.output))
+    summary.update({"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source,
+                    "classes": manifest.classes, "config": to_dict(cfg),
+                    "seconds_this_run": time.time() - started, "shards_this_run": len(pending)})
+    storage.write_json(storage.join(cfg.output, "mining.json"), summary)
+    if cfg.export_coco:
+        outputs.export_coco(cfg.output, manifest.classes, storage.join(cfg.output, "pseudo_boxes.coco.json"))
+    if summary["corloc"] is not None:
+        log.info("mine: CorLoc %.1f%%, box recall@0.5 %.1f%%, %.2f boxes/image",
+                 summary["corloc"], summary["recall50"], summary["boxes_per_image"])
+    return summary

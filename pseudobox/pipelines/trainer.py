@@ -1,0 +1,100 @@
+"""Ray Train glue shared by the training stages (classifier, pre-train, fine-tune).
+
+``fit`` wires a per-worker function into a ``TorchTrainer`` whose run directory is the
+stage's output URI (local or s3://), with ``FailureConfig(max_failures)`` so that a lost
+worker restarts the group from the latest checkpoint; re-running with the same output
+resumes too. After training the driver exports ``<output>/model.pt`` (weights without
+optimizer state) for the next stage.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pseudobox import storage
+from pseudobox.config import require
+from pseudobox.models.checkpoint import MODEL_FILE, save_checkpoint
+from pseudobox.pipelines.common import log, resolve_use_gpu
+
+
+@dataclass
+class WorkersConfig:
+    num_workers: int = 2
+    use_gpu: str = "auto"
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+    def validate(self) -> None:
+        require(self.num_workers >= 1, "workers.num_workers must be >= 1")
+        require(self.use_gpu in ("auto", "true", "false"), "workers.use_gpu must be auto, true or false")
+        require(self.cpus_per_worker > 0, "workers.cpus_per_worker must be > 0")
+        require(self.max_failures >= 0, "workers.max_failures must be >= 0")
+
+
+def run_config(output: str, max_failures: int):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    fs, path = storage.pyarrow_filesystem(output)
+    parent, name = os.path.dirname(path.rstrip("/")), os.path.basename(path.rstrip("/"))
+    return RunConfig(name=name, storage_path=parent, storage_filesystem=fs,
+                     failure_config=FailureConfig(max_failures=max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=3))
+
+
+def fit(worker_fn, loop_config: dict, output: str, workers: WorkersConfig, datasets: dict):
+    """Run ``worker_fn(loop_config)`` on N Ray Train workers (DDP); returns the Result."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = resolve_use_gpu(workers.use_gpu)
+    loop_config = {**loop_config, "use_gpu": use_gpu, "threads": max(1, int(workers.cpus_per_worker))}
+    trainer = TorchTrainer(
+        worker_fn, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": workers.cpus_per_worker}),
+        run_config=run_config(output, workers.max_failures),
+        datasets=datasets,
+    )
+    log.info("training on %d %s worker(s) → %s", workers.num_workers, "GPU" if use_gpu else "CPU", output)
+    return trainer.fit()
+
+
+def export_final(result, output: str) -> dict:
+    """Copy the last checkpoint's weights (no optimizer state) to ``<output>/model.pt``."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint under {output}")
+    with result.checkpoint.as_directory() as d:
+        ckpt = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=False)
+    for key in ("optimizer_state", "scheduler_state"):
+        ckpt.pop(key, None)
+    save_checkpoint(ckpt, storage.join(output, MODEL_FILE))
+    return ckpt
+
+
+def worker_device(use_gpu: bool, threads: int):
+    """The torch device of this Ray Train worker."""
+    if use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    torch.set_num_threads(threads)
+    return torch.device("cpu")
+
+
+def prepare(model: torch.nn.Module, in_ray: bool = True) -> torch.nn.Module:
+    """Move to the worker's device and wrap in DDP when there are several workers."""
+    if not in_ray:
+        return model
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model)
+
+
+def dataset_batches(name: str, batch_size: int):
+    """A per-epoch iterator factory over this worker's shard of a Ray dataset."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    return lambda: shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
