@@ -139,8 +139,9 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 losses = loss_fn(model, batch)
             loss = sum(losses.values())
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"loss is {float(loss)} at step {step}: {({k: float(v) for k, v in losses.items()})}; "
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}: {({k: float(v.detach()) for k, v in losses.items()})}; "
                                          "lower optim.lr or raise optim.warmup_iters")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -150,8 +151,8 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
             scheduler.step()
             step += 1
             for k, v in losses.items():
-                running[k] = running.get(k, 0.0) + float(v)
-            running["loss"] = running.get("loss", 0.0) + float(loss)
+                running[k] = running.get(k, 0.0) + float(v.detach())
+            running["loss"] = running.get("loss", 0.0) + loss_value
             n_running += 1
             last = step >= cfg.max_iters
             if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or last:

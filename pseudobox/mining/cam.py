@@ -215,7 +215,7 @@ class CamBoxMiner:
 
         if not images:
             return []
-        tensors = [normalize_images(torch.from_numpy(np.ascontiguousarray(im)).to(self.device)) for im in images]
+        tensors = [normalize_images(torch.tensor(im, device=self.device)) for im in images]
         image_idx = torch.as_tensor([i for i, ls in enumerate(labels) for _ in ls], dtype=torch.int64, device=self.device)
         pair_labels = torch.as_tensor([int(c) for ls in labels for c in ls], dtype=torch.int64, device=self.device)
         results = [(np.zeros((0, 4), np.float32), np.zeros((0,), np.int64), np.zeros((0,), np.float32))
@@ -230,7 +230,9 @@ class CamBoxMiner:
             hc, wc = sizes[p]
             h, w = images[i].shape[:2]
             scale = boxes.new_tensor([w / wc, h / hc, w / wc, h / hc])
-            collected[i].append((boxes * scale, torch.full_like(scores, int(pair_labels[p]), dtype=torch.int64), scores))
+            # Clip to the image: the padded CAM extends past it, and moment boxes may too.
+            boxes = torch.minimum(boxes * scale, boxes.new_tensor([w, h, w, h]))
+            collected[i].append((boxes, torch.full_like(scores, int(pair_labels[p]), dtype=torch.int64), scores))
         for i, parts in enumerate(collected):
             if parts:
                 results[i] = tuple(torch.cat(x).cpu().numpy() for x in zip(*parts))

@@ -49,7 +49,7 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     x = images.movedim(-1, -3).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    return ((x - mean) / std).contiguous()
 
 
 def resnet_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

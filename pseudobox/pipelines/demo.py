@@ -26,7 +26,7 @@ from pseudobox.pipelines.common import RayConfig, init_ray, log
 class DemoConfig:
     workdir: str = "./pseudobox-demo"
     image_size: int = 96
-    pretrain_images: int = 1600
+    pretrain_images: int = 1200
     downstream_images: int = 300
     test_images: int = 200
     kshot: int = 10
@@ -36,7 +36,7 @@ class DemoConfig:
     pretrain_iters: int = 200
     finetune_iters: int = 150
     batch_size: int = 8
-    cam_scales: tuple[int, ...] = (128, 256)
+    cam_scales: tuple[int, ...] = (96, 160)
     num_workers: int = 2
     seed: int = 0
     ray: RayConfig = field(default_factory=lambda: RayConfig(num_cpus=max(4, os.cpu_count() or 2)))

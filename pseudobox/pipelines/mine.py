@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from pseudobox import storage
-from pseudobox.config import require, to_dict
+from pseudobox.config import ConfigError, require, to_dict
 from pseudobox.mining import outputs
 from pseudobox.pipelines.common import RayConfig, init_ray, log, resolve_use_gpu
 
@@ -70,6 +70,21 @@ class MineConfig:
         storage.check_writable(self.output, "output")
 
 
+def check_same_run(cfg: MineConfig) -> None:
+    """Resuming is per shard, so every part of one output must come from one setting:
+    refuse to mix parts mined with another corpus, checkpoint, source or CAM setting."""
+    fingerprint = {"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source, "cam": to_dict(cfg.cam)}
+    uri = storage.join(cfg.output, "run.json")
+    if storage.exists(uri):
+        previous = storage.read_json(uri)
+        if previous != fingerprint:
+            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+            raise ConfigError(f"{cfg.output} holds parts mined with a different {changed}; "
+                              "use a new output, or delete the old one to start over")
+    else:
+        storage.write_json(uri, fingerprint)
+
+
 def run(cfg: MineConfig) -> dict:
     """Mine every pending shard; returns the run summary (also written to mining.json)."""
     from pseudobox.datasets import ray_io
@@ -78,11 +93,14 @@ def run(cfg: MineConfig) -> dict:
 
     cfg.check_paths()
     manifest = load_manifest(cfg.corpus)
+    check_same_run(cfg)
     done = outputs.done_shards(cfg.output)
     pending = [s.name for s in manifest.shards if s.name not in done]
     log.info("mine: %d shards, %d already complete, %d to do", len(manifest.shards), len(done), len(pending))
     started = time.time()
     if pending:
+        import ray.data
+
         init_ray(cfg.ray)
         use_gpu = resolve_use_gpu(cfg.use_gpu)
         ds = ray_io.decoded_corpus(cfg.corpus, keep_errors=True, shards=pending, batch_size=cfg.batch_size)
@@ -93,7 +111,7 @@ def run(cfg: MineConfig) -> dict:
                                    "min_component_ratio": cfg.cam.min_component_ratio,
                                    "threads": None if use_gpu else max(1, int(cfg.cpus_per_actor))},
             batch_size=cfg.batch_size, batch_format="numpy",
-            concurrency=(cfg.min_actors, cfg.max_actors),
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
             num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_actor,
         )
         writer = outputs.ShardPartWriter(cfg.output, {s.name: s.num_samples for s in manifest.shards}, cfg.source)

@@ -1,0 +1,109 @@
+"""The mining stage on local Ray, reading shards from the local S3 server."""
+import io
+import json
+import tarfile
+
+import pytest
+
+from pseudobox import storage
+from pseudobox.config import ConfigError
+from pseudobox.mining import outputs
+from pseudobox.pipelines import mine
+from tests.conftest import make_classifier_checkpoint, make_corpus
+
+pytestmark = pytest.mark.integration
+
+
+def _add_bad_samples(corpus_uri: str) -> None:
+    """Append a shard with a corrupt JPEG, an unknown class and a missing .json, and cut
+    shard-000001 short, then list the new shard in the manifest."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, payload in (("bad_jpeg.jpg", b"\xff\xd8 not a jpeg"), ("bad_jpeg.json", b'{"labels": [0]}'),
+                              ("bad_class.jpg", storage.read_bytes(corpus_uri + "/probe.jpg")),
+                              ("bad_class.json", b'{"labels": [999]}'),
+                              ("no_json.jpg", storage.read_bytes(corpus_uri + "/probe.jpg"))):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    storage.write_bytes(corpus_uri + "/shard-bad.tar", buf.getvalue())
+    data = storage.read_bytes(corpus_uri + "/shard-000001.tar")
+    storage.write_bytes(corpus_uri + "/shard-000001.tar", data[: len(data) // 2])
+    manifest = storage.read_json(corpus_uri + "/corpus.json")
+    manifest["shards"].append({"name": "shard-bad.tar", "num_samples": 3})
+    storage.write_json(corpus_uri + "/corpus.json", manifest)
+
+
+@pytest.fixture
+def s3_corpus(s3_bucket):
+    from pseudobox.datasets.corpus import encode_image
+
+    uri = f"{s3_bucket}/corpus"
+    manifest = make_corpus(uri, num_images=24, size=64, samples_per_shard=8)
+    import numpy as np
+
+    storage.write_bytes(uri + "/probe.jpg", encode_image(np.zeros((32, 32, 3), np.uint8)))
+    _add_bad_samples(uri)
+    ckpt = make_classifier_checkpoint(f"{s3_bucket}/classifier/model.pt", manifest.classes)
+    return uri, ckpt, manifest
+
+
+def _cfg(corpus, ckpt, out, **kw):
+    return mine.MineConfig(corpus=corpus, checkpoint=ckpt, output=out, cam=mine.CamConfig(scales=(64, 96)),
+                           batch_size=4, min_actors=1, max_actors=2, **kw)
+
+
+def test_mining_streams_s3_shards_counts_bad_input_and_resumes(ray_local, s3_corpus, s3_bucket):
+    corpus, ckpt, manifest = s3_corpus
+    out = f"{s3_bucket}/mined"
+    summary = mine.run(_cfg(corpus, ckpt, out))
+
+    parts = storage.listdir(out + "/parts")
+    assert parts == ["shard-000000.parquet", "shard-000001.parquet", "shard-000002.parquet", "shard-bad.parquet"]
+    reports = outputs.load_reports(out)
+    assert reports["shard-bad.tar"]["errors"] == {"corrupt_image": 1, "unknown_class": 1, "missing_json": 1}
+    assert reports["shard-bad.tar"]["ok"] == 0
+    assert reports["shard-000001.tar"]["errors"].get("truncated_shard") == 1
+    assert 0 < reports["shard-000001.tar"]["ok"] < 8  # samples before the cut were kept
+    assert reports["shard-000000.tar"]["ok"] == 8 and reports["shard-000000.tar"]["errors"] == {}
+    assert summary["corloc"] is not None and 0 <= summary["corloc"] <= 100
+    assert summary["boxes"] > 0
+    coco = json.loads(storage.read_bytes(out + "/pseudo_boxes.coco.json"))
+    assert len(coco["annotations"]) == summary["boxes"]
+
+    # Resume: drop one part; only that shard is mined again.
+    before = {s: r["written_at"] for s, r in reports.items()}
+    storage.remove(outputs.part_uri(out, "shard-000002.tar"))
+    again = mine.run(_cfg(corpus, ckpt, out))
+    after = outputs.load_reports(out)
+    assert again["shards_this_run"] == 1
+    assert after["shard-000002.tar"]["written_at"] > before["shard-000002.tar"]
+    assert all(after[s]["written_at"] == before[s] for s in before if s != "shard-000002.tar")
+
+    # A changed setting must not silently mix parts.
+    with pytest.raises(ConfigError, match="cam"):
+        mine.run(mine.MineConfig(corpus=corpus, checkpoint=ckpt, output=out, cam=mine.CamConfig(scales=(64,))))
+
+
+def test_actor_pool_requests_one_gpu_per_actor_when_the_cluster_has_gpus(monkeypatch, tmp_path):
+    """The launcher asks Ray for num_gpus=1 per actor when GPUs exist (checked by
+    capturing the map_batches call; this machine has no GPU)."""
+    calls = {}
+
+    class FakeDataset:
+        def map_batches(self, fn, **kwargs):
+            calls.update(kwargs)
+            return self
+
+        def iter_batches(self, **kwargs):
+            return iter(())
+
+    corpus = str(tmp_path / "corpus")
+    manifest = make_corpus(corpus, num_images=4, size=64, samples_per_shard=4)
+    ckpt = make_classifier_checkpoint(str(tmp_path / "cls.pt"), manifest.classes)
+    monkeypatch.setattr(mine, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(mine, "resolve_use_gpu", lambda setting: True)
+    monkeypatch.setattr("pseudobox.datasets.ray_io.decoded_corpus", lambda *a, **k: FakeDataset())
+    mine.run(_cfg(corpus, ckpt, str(tmp_path / "out"), use_gpu="true"))
+    assert calls["num_gpus"] == 1
+    assert calls["compute"].min_size == 1 and calls["compute"].max_size == 2

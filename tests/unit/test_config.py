@@ -1,0 +1,294 @@
+"""Unit tests for pseudobox.config: YAML + dotted overrides, type checks, validation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from pseudobox.config import ConfigError, from_dict, load_config, parse_overrides, require, to_dict
+from pseudobox.engine import OptimConfig
+from pseudobox.models.detectors import DetectorArch
+from pseudobox.pipelines.mine import MineConfig
+from pseudobox.pipelines.pretrain import PretrainConfig
+from pseudobox.pipelines.train_classifier import TrainClassifierConfig
+
+
+@dataclass
+class Inner:
+    sizes: tuple[int, ...] = (8,)
+    ratio: float = 0.5
+    flag: bool = False
+    name: str = "x"
+
+    def validate(self) -> None:
+        require(0 < self.ratio < 1, "inner.ratio must be in (0, 1)")
+
+
+@dataclass
+class Outer:
+    path: str = ""
+    steps: int = 1
+    tags: list[str] = field(default_factory=list)
+    note: str | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+    inner: Inner = field(default_factory=Inner)
+
+    def validate(self) -> None:
+        require(self.steps >= 1, "steps must be >= 1")
+        self.inner.validate()
+
+
+@dataclass
+class NeedsKey:
+    required: int
+    other: int = 0
+
+
+def write_yaml(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+MINE_REQ = ["corpus=/c", "checkpoint=/k", "output=/o"]
+PRETRAIN_REQ = ["corpus=/c", "boxes=/b", "classifier=/k", "output=/o"]
+
+
+# ---------------------------------------------------------------- loading
+
+def test_defaults_without_file_or_overrides():
+    cfg = load_config(Outer)
+    assert cfg == Outer()
+
+
+def test_yaml_then_overrides_nested(tmp_path):
+    path = write_yaml(tmp_path, {"path": "/data", "steps": 3, "inner": {"ratio": 0.25, "name": "y"}})
+    cfg = load_config(Outer, path, ["steps=7", "inner.flag=true", "inner.sizes=[96,160]"])
+    assert cfg.path == "/data"
+    assert cfg.steps == 7  # override wins over YAML
+    assert cfg.inner.ratio == 0.25 and cfg.inner.name == "y"  # YAML keys of a section survive an override
+    assert cfg.inner.flag is True
+    assert cfg.inner.sizes == (96, 160) and isinstance(cfg.inner.sizes, tuple)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("[96,160]", (96, 160)), ("96,160", (96, 160)), ("[96, 160, 320]", (96, 160, 320)), ("96", (96,)),
+])
+def test_tuple_overrides(raw, expected):
+    assert load_config(Outer, overrides=[f"inner.sizes={raw}"]).inner.sizes == expected
+
+
+def test_list_override_and_optional_and_dict():
+    cfg = load_config(Outer, overrides=["tags=a,b", "note=hello", "extra={a: 1}"])
+    assert cfg.tags == ["a", "b"] and isinstance(cfg.tags, list)
+    assert cfg.note == "hello"
+    assert cfg.extra == {"a": 1}
+    assert load_config(Outer, overrides=["note=null"]).note is None
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("true", True), ("false", False), ("yes", True), ("no", False), ("True", True), ("FALSE", False),
+])
+def test_bool_overrides(raw, expected):
+    assert load_config(Outer, overrides=[f"inner.flag={raw}"]).inner.flag is expected
+
+
+def test_numbers_coerced():
+    cfg = load_config(Outer, overrides=["steps=10.0", "inner.ratio=1e-1"])
+    assert cfg.steps == 10 and isinstance(cfg.steps, int)
+    assert cfg.inner.ratio == pytest.approx(0.1) and isinstance(cfg.inner.ratio, float)
+    assert load_config(Outer, overrides=["inner.ratio=0"], validate=False).inner.ratio == 0.0
+
+
+def test_real_pretrain_config_overrides():
+    cfg = load_config(PretrainConfig, overrides=PRETRAIN_REQ + [
+        "model.min_size=96,160", "model.detector=retinanet", "optim.amp=false", "optim.lr_steps=[0.5,0.8]",
+        "workers.num_workers=1"])
+    assert cfg.model.min_size == (96, 160)
+    assert cfg.model.detector == "retinanet"
+    assert cfg.optim.amp is False
+    assert cfg.optim.lr_steps == (0.5, 0.8)
+    assert cfg.workers.num_workers == 1
+    assert cfg.corpus == "/c"
+
+
+def test_real_mine_config_from_yaml(tmp_path):
+    path = write_yaml(tmp_path, {"corpus": "s3://b/c", "checkpoint": "s3://b/k", "output": "s3://b/o",
+                                 "cam": {"scales": [64, 128], "flip": False}, "batch_size": 4})
+    cfg = load_config(MineConfig, path, ["cam.thresholds=0.3,0.6"])
+    assert cfg.cam.scales == (64, 128)
+    assert cfg.cam.flip is False
+    assert cfg.cam.thresholds == (0.3, 0.6)
+    assert cfg.batch_size == 4
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a partial override of a nested section rebuilds it from the nested class's own "
+    "defaults, dropping the parent's default_factory values (PretrainConfig.optim.lr 0.008 -> 0.02, "
+    "max_iters 40000 -> 1000; model.max_size 1000 -> 1333)"))
+def test_partial_section_override_keeps_stage_defaults():
+    default = load_config(PretrainConfig, overrides=PRETRAIN_REQ)
+    cfg = load_config(PretrainConfig, overrides=PRETRAIN_REQ + ["optim.max_iters=100", "model.depth=18"])
+    assert cfg.optim.max_iters == 100 and cfg.model.depth == 18
+    assert cfg.optim.lr == default.optim.lr == 0.008
+    assert cfg.optim.batch_size == default.optim.batch_size == 2
+    assert cfg.model.max_size == default.model.max_size == 1000
+    assert cfg.model.min_size == default.model.min_size
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: override values are YAML-parsed before coercion, so a str field documented as "
+    "'auto, true or false' rejects use_gpu=true (YAML bool) with 'expected a string'"))
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_str_field_accepts_true_false(value):
+    cfg = load_config(MineConfig, overrides=MINE_REQ + [f"use_gpu={value}"])
+    assert cfg.use_gpu == value
+
+
+# ---------------------------------------------------------------- errors
+
+def test_unknown_top_level_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, overrides=["stepz=3"])
+    msg = str(e.value)
+    assert "stepz" in msg
+    for key in ("path", "steps", "tags", "inner"):
+        assert key in msg
+
+
+def test_unknown_nested_key_names_section_and_valid_keys(tmp_path):
+    path = write_yaml(tmp_path, {"cam": {"treshold": 0.5}})
+    with pytest.raises(ConfigError) as e:
+        load_config(MineConfig, path, MINE_REQ)
+    msg = str(e.value)
+    assert "treshold" in msg and "'cam'" in msg
+    assert "thresholds" in msg and "nms_iou" in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("steps=abc", "steps"),
+    ("inner.ratio=fast", "inner.ratio"),
+    ("inner.flag=maybe", "inner.flag"),
+    ("inner.sizes=[96,x]", "inner.sizes[1]"),
+    ("inner=3", "inner"),
+    ("steps=true", "steps"),
+    ("inner.name=[1,2]", "inner.name"),
+])
+def test_wrong_type_names_dotted_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, overrides=[override])
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
+
+
+def test_wrong_type_in_real_config_names_dotted_key():
+    with pytest.raises(ConfigError, match=r"^optim\.max_iters: expected an integer"):
+        load_config(PretrainConfig, overrides=PRETRAIN_REQ + ["optim.max_iters=lots"])
+    with pytest.raises(ConfigError, match=r"^cam\.nms_iou: expected a number"):
+        load_config(MineConfig, overrides=MINE_REQ + ["cam.nms_iou=high"])
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="required"):
+        load_config(NeedsKey)
+    assert load_config(NeedsKey, overrides=["required=2"]).required == 2
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+
+
+def test_override_into_non_section():
+    with pytest.raises(ConfigError, match="not a section"):
+        parse_overrides(["a=1", "a.b=2"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, str(tmp_path / "nope.yaml"))
+
+
+def test_config_file_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Outer, str(path))
+
+
+# ---------------------------------------------------------------- validate()
+
+@pytest.mark.parametrize("override, needle", [
+    ("cam.thresholds=[1.5]", "cam.thresholds"),
+    ("cam.thresholds=[]", "cam.thresholds"),
+    ("cam.scales=[16]", "cam.scales"),
+    ("cam.nms_iou=0", "cam.nms_iou"),
+    ("batch_size=0", "batch_size"),
+    ("max_actors=0", "max_actors"),
+    ("use_gpu=sometimes", "use_gpu"),
+    ("source=rpn", "source"),
+    ("ray.object_store_mb=10", "ray.object_store_mb"),
+])
+def test_mine_validate_names_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(MineConfig, overrides=MINE_REQ + [override])
+    assert needle in str(e.value)
+
+
+def test_mine_validate_requires_paths():
+    with pytest.raises(ConfigError, match="corpus is required"):
+        load_config(MineConfig)
+    cfg = load_config(MineConfig, validate=False)  # validation can be deferred
+    assert cfg.corpus == ""
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.detector=yolo", "model.detector"),
+    ("model.depth=20", "model.depth"),
+    ("model.min_size=[16]", "model.min_size"),
+    ("model.max_size=100", "model.max_size"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr_steps=[1.5]", "optim.lr_steps"),
+    ("workers.num_workers=0", "workers.num_workers"),
+    ("min_score=1.0", "min_score"),
+    ("method=moco", "method"),
+])
+def test_pretrain_validate_names_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, overrides=PRETRAIN_REQ + [override])
+    assert needle in str(e.value)
+
+
+def test_small_dataclass_validate_runs_nested():
+    with pytest.raises(ConfigError, match="inner.ratio"):
+        load_config(Outer, overrides=["inner.ratio=2"])
+
+
+# ---------------------------------------------------------------- to_dict / from_dict
+
+def test_to_dict_is_plain_and_round_trips_small():
+    cfg = load_config(Outer, overrides=["inner.sizes=1,2", "tags=a", "extra={k: 3}", "note=n"])
+    d = to_dict(cfg)
+    assert d["inner"]["sizes"] == [1, 2]  # tuples become lists
+    assert yaml.safe_load(yaml.safe_dump(d)) == d  # YAML-serialisable
+    back = from_dict(Outer, d)
+    assert back == cfg
+    assert isinstance(back.inner.sizes, tuple)
+
+
+@pytest.mark.parametrize("cls, req", [(MineConfig, MINE_REQ), (PretrainConfig, PRETRAIN_REQ),
+                                      (TrainClassifierConfig, ["corpus=/c", "output=/o"])])
+def test_real_configs_round_trip(cls, req):
+    cfg = load_config(cls, overrides=req)
+    d = to_dict(cfg)
+    assert from_dict(cls, d) == cfg
+    assert from_dict(cls, yaml.safe_load(yaml.safe_dump(d))) == cfg
+
+
+def test_from_dict_of_engine_and_arch_configs():
+    arch = DetectorArch(detector="retinanet", depth=18, min_size=(64, 96), max_size=128)
+    optim = OptimConfig(lr=0.5, lr_steps=(0.3,), amp=False)
+    assert from_dict(DetectorArch, to_dict(arch)) == arch
+    assert from_dict(OptimConfig, to_dict(optim)) == optim
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(OptimConfig, {**to_dict(optim), "lrr": 1.0})

@@ -1,0 +1,111 @@
+"""The mining actor and its outputs, without Ray."""
+import numpy as np
+import pytest
+import torch
+
+from pseudobox import storage
+from pseudobox.datasets import ray_io
+from pseudobox.datasets.corpus import iter_shard, load_manifest, shard_uris
+from pseudobox.mining import outputs
+from pseudobox.mining.cam import CamBoxMiner, multiscale_cams
+from tests.conftest import make_classifier_checkpoint
+
+
+def _raw_batch(corpus_uri):
+    manifest = load_manifest(corpus_uri)
+    rows = [r for u in shard_uris(corpus_uri, manifest) for r in iter_shard(u)]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    return ray_io.decode_batch(batch, manifest.classes), manifest
+
+
+@pytest.fixture
+def miner(tmp_path, tiny_corpus):
+    uri, manifest = tiny_corpus
+    ckpt = make_classifier_checkpoint(str(tmp_path / "cls" / "model.pt"), manifest.classes)
+    return CamBoxMiner(ckpt, scales=(64, 96), threads=1)
+
+
+def test_miner_outputs_boxes_in_image_pixels_with_image_labels(miner, tiny_corpus):
+    batch, _ = _raw_batch(tiny_corpus[0])
+    out = miner(batch)
+    assert list(out["key"]) == list(batch["key"])
+    n_boxes = 0
+    for i in range(len(out["key"])):
+        boxes, labels = out["boxes"][i], out["labels"][i]
+        h, w = batch["image"][i].shape[:2]
+        assert (out["width"][i], out["height"][i]) == (w, h)
+        assert boxes.dtype == np.float32 and boxes.shape[1] == 4
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w + 1e-3).all() and (boxes[:, 3] <= h + 1e-3).all()
+        assert set(labels.tolist()) <= set(batch["labels"][i].tolist())
+        assert (np.diff(out["scores"][i]) <= 1e-6).all() or len(set(labels.tolist())) > 1
+        n_boxes += len(boxes)
+    assert n_boxes >= len(out["key"])  # every image gets at least one box on average
+    assert set(out["source"]) == {"cam"}
+
+
+def test_flip_cam_is_mirrored_back(miner):
+    # A left-right symmetric image must give a left-right symmetric averaged CAM.
+    img = torch.rand(3, 64, 32)
+    img = torch.cat([img, img.flip(-1)], dim=-1)
+    cams, sizes = multiscale_cams(miner.model, [img], torch.tensor([0]), torch.tensor([1]), scales=(64,), flip=True)
+    hc, wc = sizes[0]
+    cam = cams[0, :hc, :wc]
+    torch.testing.assert_close(cam, cam.flip(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_error_rows_pass_through_without_boxes(miner, tiny_corpus):
+    batch, _ = _raw_batch(tiny_corpus[0])
+    batch["error"][0] = "corrupt_image: test"
+    batch["image"][0] = ray_io.PLACEHOLDER_IMAGE
+    out = miner(batch)
+    assert out["error"][0] == "corrupt_image: test" and len(out["boxes"][0]) == 0
+
+
+def test_box_quality_counts():
+    gt = np.array([[10, 10, 50, 50], [60, 60, 90, 90]], np.float32)
+    gt_labels = np.array([1, 1])
+    mined = np.array([[12, 12, 50, 48], [0, 0, 5, 5]], np.float32)
+    q = outputs.box_quality(mined, np.array([1, 1]), np.array([0.9, 0.5], np.float32), [1], gt, gt_labels)
+    assert q == {"corloc_hits": 1, "corloc_images": 1, "gt_boxes": 2, "gt_recalled": 1}
+    q = outputs.box_quality(mined, np.array([1, 1]), np.array([0.1, 0.5], np.float32), [1], gt, gt_labels)
+    assert q["corloc_hits"] == 0  # the top-scoring box misses
+
+
+def test_part_writer_is_resumable_and_reports(tmp_path, miner, tiny_corpus):
+    batch, manifest = _raw_batch(tiny_corpus[0])
+    out_uri = str(tmp_path / "mined")
+    writer = outputs.ShardPartWriter(out_uri, {s.name: s.num_samples for s in manifest.shards}, "cam")
+    out = miner(batch)
+    completed = writer.add_batch(out)
+    assert sorted(completed) == sorted(s.name for s in manifest.shards)
+    assert outputs.done_shards(out_uri) == {s.name for s in manifest.shards}
+    reports = outputs.load_reports(out_uri)
+    summary = outputs.summarize(reports)
+    assert summary["ok"] == manifest.num_samples and summary["boxes"] == sum(len(b) for b in out["boxes"])
+    assert summary["corloc_images"] == manifest.num_samples  # synthetic corpus has GT for every label
+    mined = outputs.load_mined_boxes(out_uri, manifest.shards[0].name)
+    key = str(out["key"][0])
+    np.testing.assert_allclose(mined[key][0], out["boxes"][0])
+    coco = outputs.export_coco(out_uri, manifest.classes, str(tmp_path / "coco.json"))
+    assert len(coco["images"]) == manifest.num_samples
+    assert len(coco["annotations"]) == summary["boxes"]
+    ann = coco["annotations"][0]
+    assert ann["bbox"][2] >= 0 and ann["category_id"] >= 1
+
+
+def test_part_is_atomic_under_failure(tmp_path, monkeypatch):
+    out_uri = str(tmp_path / "mined")
+    writer = outputs.ShardPartWriter(out_uri, {"shard-000000.tar": 1}, "cam")
+    writer.buffers["shard-000000.tar"] = [{"key": "a", "shard": "shard-000000.tar", "boxes": np.zeros((0, 4)),
+                                           "labels": np.zeros(0), "scores": np.zeros(0), "width": 1, "height": 1,
+                                           "source": "cam", "error": "", "corloc_hits": 0, "corloc_images": 0,
+                                           "gt_boxes": 0, "gt_recalled": 0}]
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(outputs.pq, "write_table", boom)
+    with pytest.raises(OSError):
+        writer.flush("shard-000000.tar")
+    assert outputs.done_shards(out_uri) == set()
+    assert storage.listdir(str(tmp_path / "mined" / "parts")) == []
