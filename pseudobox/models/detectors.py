@@ -47,6 +47,9 @@ class DetectorArch:
     test_size: int = 800
     detections_per_image: int = 100
     score_thresh: float = 0.05
+    # Faster R-CNN sampling; the RoI head's cost grows with these (smaller for small images).
+    rpn_post_nms_top_n_train: int = 2000
+    box_batch_size_per_image: int = 512
 
     def validate(self) -> None:
         require(self.detector in DETECTORS, f"model.detector must be one of {DETECTORS}, got {self.detector!r}")
@@ -68,7 +71,9 @@ def build_detector(arch: DetectorArch, num_classes: int) -> nn.Module:
                   image_std=list(IMAGENET_STD), detections_per_img=arch.detections_per_image)
     if arch.detector == "faster_rcnn":
         backbone = _resnet_fpn_extractor(resnet, trainable)
-        return FasterRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=arch.score_thresh, **common)
+        return FasterRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=arch.score_thresh,
+                          rpn_post_nms_top_n_train=arch.rpn_post_nms_top_n_train,
+                          box_batch_size_per_image=arch.box_batch_size_per_image, **common)
     backbone = _resnet_fpn_extractor(resnet, trainable, returned_layers=[2, 3, 4],
                                      extra_blocks=LastLevelP6P7(256, 256))
     return RetinaNet(backbone, num_classes=num_classes + 1, score_thresh=arch.score_thresh, **common)
@@ -126,7 +131,7 @@ def detector_images(images: list, device) -> list[torch.Tensor]:
     """HWC uint8 arrays → CHW float [0, 1] tensors (the detector normalises internally)."""
     out = []
     for im in images:
-        t = torch.as_tensor(im).to(device, non_blocking=True)
+        t = torch.tensor(im, device=device)
         out.append(t.permute(2, 0, 1).float().div_(255))
     return out
 

@@ -54,12 +54,13 @@ def _workers(cfg: DemoConfig) -> trainer.WorkersConfig:
 
 def _arch(cfg: DemoConfig, min_sizes) -> DetectorArch:
     return DetectorArch(detector=cfg.detector, depth=cfg.depth, frozen_bn=True, freeze_at=1,
-                        min_size=tuple(min_sizes), max_size=4 * cfg.image_size, test_size=cfg.image_size)
+                        min_size=tuple(min_sizes), max_size=4 * cfg.image_size, test_size=cfg.image_size,
+                        rpn_post_nms_top_n_train=300, box_batch_size_per_image=64)
 
 
 def _optim(cfg: DemoConfig, iters: int, lr: float) -> OptimConfig:
-    return OptimConfig(lr=lr, max_iters=iters, batch_size=cfg.batch_size, warmup_iters=min(50, iters // 4),
-                       checkpoint_every=max(iters // 2, 1), log_every=max(iters // 30, 1))
+    return OptimConfig(lr=lr, max_iters=iters, batch_size=cfg.batch_size, warmup_iters=min(50, max(1, iters // 3)),
+                       grad_clip=10.0, checkpoint_every=max(iters // 2, 1), log_every=max(iters // 30, 1))
 
 
 def _gallery_items(cfg: DemoConfig, corpus: str, boxes_uri: str, n: int = 12) -> list[dict]:
@@ -118,7 +119,7 @@ def run(cfg: DemoConfig) -> dict:
     log.info("demo: CAM boxes: CorLoc %.1f%%, recall@0.5 %.1f%%", mining["corloc"] or 0, mining["recall50"] or 0)
     dap_ckpt = step("DAP pre-train", lambda: pretrain.run(pretrain.PretrainConfig(
         corpus=p["corpus"], boxes=p["boxes"], classifier=p["classifier"], output=p["dap"],
-        model=_arch(cfg, (size * 2 // 3, size, size * 4 // 3)), optim=_optim(cfg, cfg.pretrain_iters, 0.02),
+        model=_arch(cfg, (size * 2 // 3, size, size * 4 // 3)), optim=_optim(cfg, cfg.pretrain_iters, 0.01),
         workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
     step("k-shot split", lambda: split.run(split.SplitConfig(corpus=p["downstream"], output=p["split.json"],
                                                              k=cfg.kshot, seed=cfg.seed)))
@@ -128,7 +129,7 @@ def run(cfg: DemoConfig) -> dict:
         results[name] = step(f"fine-tune {name}-init", lambda: finetune.run(finetune.FinetuneConfig(
             corpus=p["downstream"], split=p["split.json"], init=init, checkpoint=ckpt, output=out,
             eval_corpus=p["test"], model=_arch(cfg, (size * 3 // 4, size, size * 5 // 4)),
-            optim=_optim(cfg, cfg.finetune_iters, 0.02), workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
+            optim=_optim(cfg, cfg.finetune_iters, 0.01), workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
 
     summary = {"mining": {k: mining[k] for k in ("corloc", "recall50", "boxes_per_image", "ok", "errors")},
                "finetune": {k: v["metrics"] for k, v in results.items()}, "seconds": timings,
