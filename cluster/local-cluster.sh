@@ -21,9 +21,11 @@
 #     rewritten to the machine's routable address (ray._private.services.
 #     resolve_ip_for_localhost: "localhost", 127.0.0.1 and ::1 are replaced), as the
 #     "Local node IP" line in head.log shows. 127.0.0.2 is loopback on Linux too and Ray
-#     keeps it verbatim. NODE_IP=127.0.0.1 reproduces the notes exactly. Whatever the
-#     node address, Ray's gRPC servers (GCS, raylets, workers) listen on all interfaces;
-#     token auth is what guards them. The dashboard (job API) listens on 127.0.0.1 only.
+#     keeps it verbatim. The worker joins the GCS at NODE_IP too, because an --address
+#     of 127.0.0.1 is rewritten the same way. NODE_IP=127.0.0.1 reproduces the notes.
+#     Whatever the node address, Ray's gRPC servers (GCS, raylets, workers) listen on
+#     all interfaces, and token auth is what guards them. The dashboard (job API)
+#     listens on 127.0.0.1 only.
 #   * Fixed ports outside Ray's worker port range 10002-19999 (the head refuses to start
 #     otherwise) and away from Ray's defaults (6379, 8265, 10001, 52365), so that another
 #     Ray instance on this machine (a plain `ray.init()`, a test suite) is not disturbed.
@@ -206,7 +208,7 @@ do_start() {
   fi
   record_pids
   echo "local cluster: starting the worker node (logs: $STATE/worker.log)"
-  if ! "$RAY" start --address="127.0.0.1:$GCS_PORT" --node-ip-address="$NODE_IP" --num-cpus="$CPUS_PER_NODE" \
+  if ! "$RAY" start --address="$NODE_IP:$GCS_PORT" --node-ip-address="$NODE_IP" --num-cpus="$CPUS_PER_NODE" \
       --dashboard-agent-listen-port="$WORKER_AGENT_PORT" --temp-dir="$TEMP_DIR" \
       --object-store-memory="$OBJECT_STORE_BYTES" --disable-usage-stats > "$STATE/worker.log" 2>&1; then
     tail -n 30 "$STATE/worker.log" >&2
@@ -216,7 +218,7 @@ do_start() {
   record_pids
   cat <<EOF
 local cluster: 2 nodes, node address $NODE_IP ($(wc -l < "$PIDFILE") processes recorded in $PIDFILE)
-  GCS address:        127.0.0.1:$GCS_PORT
+  GCS address:        $NODE_IP:$GCS_PORT
   job submit address: http://127.0.0.1:$DASHBOARD_PORT
   submit a job:       RAY_AUTH_MODE=token $RAY job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . -- pseudobox <stage> --config configs/demo/<stage>.yaml
   stop:               bash $0 stop
@@ -230,7 +232,7 @@ do_status() {
     echo "local cluster: not running"
     return 0
   fi
-  echo "local cluster: job submit address http://127.0.0.1:$DASHBOARD_PORT (GCS 127.0.0.1:$GCS_PORT)"
+  echo "local cluster: job submit address http://127.0.0.1:$DASHBOARD_PORT (GCS $NODE_IP:$GCS_PORT)"
   # shellcheck disable=SC2086
   ps -o pid=,ppid=,comm= -p "$(echo $pids | tr ' ' ',')"
 }

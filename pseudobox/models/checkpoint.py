@@ -43,7 +43,7 @@ def resolve_checkpoint(uri: str) -> str:
         raise CheckpointError(f"checkpoint {uri} does not exist or is empty")
     if MODEL_FILE in names:
         return storage.join(uri, MODEL_FILE)
-    ckpts = sorted(n for n in names if n.startswith("checkpoint_") and "." not in n)
+    ckpts = sorted(n for n in names if n.startswith("checkpoint_") and not n.endswith(".json"))
     for name in reversed(ckpts):
         if MODEL_FILE in storage.listdir(storage.join(uri, name)):
             return storage.join(uri, name, MODEL_FILE)
