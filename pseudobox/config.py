@@ -20,12 +20,20 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and what to fix."""
 
 
+class _RawOverride(str):
+    """An override's text: parsed as YAML for typed fields, kept verbatim for str fields."""
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp, key: str):
     """Convert a YAML/override value into ``tp`` or raise ``ConfigError`` naming ``key``."""
+    if isinstance(value, _RawOverride):
+        if tp is str:
+            return str(value)
+        value = yaml.safe_load(value) if value != "" else ""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -103,6 +111,12 @@ def _build(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        field = fields[name]
+        if isinstance(value, dict) and field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+            if dataclasses.is_dataclass(default):
+                # A partial section keeps this stage's own defaults for the keys it omits.
+                value = _merge(to_dict(default), value)
         kwargs[name] = _coerce(value, hints[name], key)
     missing = [
         n for n, f in fields.items()
@@ -120,7 +134,7 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: '{p}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    node[parts[-1]] = _RawOverride(raw)
 
 
 def parse_overrides(overrides: list[str]) -> dict:

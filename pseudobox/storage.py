@@ -42,19 +42,26 @@ def s3_endpoint() -> str | None:
     return None
 
 
+_S3_CACHE: dict = {}
+
+
 def s3_filesystem():
-    """An s3fs filesystem configured from the environment (no caching of listings)."""
+    """An s3fs filesystem configured from the environment (no caching of listings).
+
+    One client per process and setting: building a client costs far more than a call.
+    """
     import s3fs
 
-    client_kwargs = {}
-    if os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"):
-        client_kwargs["region_name"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ["AWS_REGION"]
-    return s3fs.S3FileSystem(
-        endpoint_url=s3_endpoint(),
-        client_kwargs=client_kwargs,
-        use_listings_cache=False,
-        skip_instance_cache=True,
-    )
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    key = (os.getpid(), s3_endpoint(), region, os.environ.get("AWS_ACCESS_KEY_ID"))
+    if key not in _S3_CACHE:
+        _S3_CACHE[key] = s3fs.S3FileSystem(
+            endpoint_url=s3_endpoint(),
+            client_kwargs={"region_name": region} if region else {},
+            use_listings_cache=False,
+            skip_instance_cache=True,
+        )
+    return _S3_CACHE[key]
 
 
 def split_uri(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -230,5 +237,7 @@ def check_writable(uri: str, what: str) -> None:
         parent = path
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
+        if parent != path and not os.path.isdir(parent):
+            raise StorageError(f"{what}: {uri} is under {parent}, which is a file")
         if not os.access(parent, os.W_OK):
             raise StorageError(f"{what}: {uri} is not writable")

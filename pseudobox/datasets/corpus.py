@@ -160,6 +160,21 @@ def _split_key(fname: str) -> tuple[str, str]:
     return os.path.join(os.path.dirname(fname), stem), ext.lower()
 
 
+class _CountingReader:
+    """Wraps a stream and counts the bytes read, to tell a tar cut exactly at a member
+    boundary from a whole one: ``tarfile`` ends both quietly, but only a whole tar has an
+    end-of-archive block where the next header would start."""
+
+    def __init__(self, fileobj):
+        self.fileobj = fileobj
+        self.total = 0
+
+    def read(self, size=-1):
+        data = self.fileobj.read(size)
+        self.total += len(data)
+        return data
+
+
 def iter_raw_samples(fileobj, shard_name: str) -> Iterator[dict]:
     """Group a tar stream's members into raw samples ``{key, shard, image, image_ext, meta, error}``.
 
@@ -167,8 +182,9 @@ def iter_raw_samples(fileobj, shard_name: str) -> Iterator[dict]:
     one extra record with ``error="truncated_shard: ..."`` says what happened.
     """
     current: dict | None = None
+    reader = _CountingReader(fileobj)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=reader, mode="r|*") as tar:
             for info in tar:
                 if not info.isreg():
                     continue
@@ -185,6 +201,8 @@ def iter_raw_samples(fileobj, shard_name: str) -> Iterator[dict]:
                     current["image"], current["image_ext"] = data, ext
                 elif ext == "json":
                     current["meta"] = data
+            if reader.total < tar.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("no end-of-archive block (file cut at a member boundary?)")
         if current is not None:
             yield current
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
@@ -235,13 +253,17 @@ def parse_meta(meta_bytes: bytes | None, classes: list[str], image_hw: tuple[int
             raise ValueError(f"unknown_class: {label!r} (corpus has {len(classes)} classes)")
         return label
 
-    labels = meta["labels"]
+    labels, tags = meta["labels"], meta.get("tags", [])
     if not isinstance(labels, list):
         raise ValueError("invalid_json: 'labels' must be a list")
-    out = {"labels": [to_index(x) for x in labels], "tags": list(meta.get("tags", []))}
+    if not isinstance(tags, list):
+        raise ValueError("invalid_json: 'tags' must be a list")
+    out = {"labels": [to_index(x) for x in labels], "tags": [str(t) for t in tags]}
     boxes = meta.get("boxes")
     if boxes is not None:
         box_labels = meta.get("box_labels")
+        if not isinstance(boxes, list) or not isinstance(box_labels, list):
+            raise ValueError("invalid_json: 'boxes' and 'box_labels' must be lists")
         try:
             arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         except (ValueError, TypeError) as e:

@@ -154,6 +154,9 @@ class ShardPartWriter:
             if r["error"]:
                 kind = error_kind(str(r["error"]))
                 errors[kind] = errors.get(kind, 0) + 1
+        missing = (self.expected.get(shard) or 0) - len(real)
+        if missing > 0:  # samples the manifest promised that never arrived (cut shard)
+            errors["missing_samples"] = missing
         report = {
             "shard": shard, "source": self.source, "expected_samples": self.expected.get(shard),
             "rows": len(real), "ok": sum(1 for r in real if not r["error"]),

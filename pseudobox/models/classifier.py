@@ -35,6 +35,9 @@ def build_resnet(depth: int, num_classes: int | None = None, weights: str | None
         if weights:
             state = storage.torch_load(weights)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
+            # A head for another class count is dropped; ``num_classes`` gets a fresh one.
+            own = model.state_dict()
+            state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
             missing, unexpected = model.load_state_dict(state, strict=False)
             if len(missing) > len(state) // 2:
                 raise CheckpointError(f"{weights} does not look like a ResNet-{depth} state dict "

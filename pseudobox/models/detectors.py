@@ -68,15 +68,17 @@ def build_detector(arch: DetectorArch, num_classes: int) -> nn.Module:
     resnet = build_resnet(arch.depth, norm_layer=FrozenBatchNorm2d if arch.frozen_bn else nn.BatchNorm2d)
     trainable = 5 - arch.freeze_at
     common = dict(min_size=arch.min_size, max_size=arch.max_size, image_mean=list(IMAGENET_MEAN),
-                  image_std=list(IMAGENET_STD), detections_per_img=arch.detections_per_image)
+                  image_std=list(IMAGENET_STD))
     if arch.detector == "faster_rcnn":
         backbone = _resnet_fpn_extractor(resnet, trainable)
         return FasterRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=arch.score_thresh,
+                          box_detections_per_img=arch.detections_per_image,
                           rpn_post_nms_top_n_train=arch.rpn_post_nms_top_n_train,
                           box_batch_size_per_image=arch.box_batch_size_per_image, **common)
     backbone = _resnet_fpn_extractor(resnet, trainable, returned_layers=[2, 3, 4],
                                      extra_blocks=LastLevelP6P7(256, 256))
-    return RetinaNet(backbone, num_classes=num_classes + 1, score_thresh=arch.score_thresh, **common)
+    return RetinaNet(backbone, num_classes=num_classes + 1, score_thresh=arch.score_thresh,
+                     detections_per_img=arch.detections_per_image, **common)
 
 
 def _shape_compatible_copy(model: nn.Module, source: dict, rename) -> tuple[int, list[str]]:
@@ -141,5 +143,7 @@ def predict(model: nn.Module, images: list[torch.Tensor]) -> list[dict]:
     """Eval-mode detections per image: boxes xyxy pixels, scores, class indices (0-based)."""
     model.eval()
     outs = model(images)
-    return [{"boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
-             "labels": (o["labels"] - 1).cpu()} for o in outs]
+    # RetinaNet scores the (never trained) background slot 0 too: drop it.
+    keep = [o["labels"] > 0 for o in outs]
+    return [{"boxes": o["boxes"][k].float().cpu(), "scores": o["scores"][k].float().cpu(),
+             "labels": (o["labels"][k] - 1).cpu()} for o, k in zip(outs, keep)]

@@ -234,10 +234,6 @@ def test_truncated_tar_inside_json_member(tmp_path):
     assert errors == {"shard-000000.tar": {"missing_json": 1, "truncated_shard": 1}}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a tar cut exactly at a member header boundary is read as complete: tarfile treats "
-    "an empty/truncated header after offset 0 as end-of-archive, so samples are lost silently "
-    "and no truncated_shard error is recorded"))
 def test_tar_truncated_at_member_boundary_is_reported(tmp_path):
     uri = str(tmp_path / "c")
     write_corpus(uri, n=6, per_shard=6, fmt="jpg")
@@ -253,9 +249,6 @@ def test_tar_truncated_at_member_boundary_is_reported(tmp_path):
     assert errors.get("shard-000000.tar", {}).get("truncated_shard") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: parse_meta raises TypeError (not ValueError('invalid_json: ...')) for a non-list "
-    "'tags' or a scalar 'box_labels', so one bad sample aborts iter_corpus / decode_batch"))
 @pytest.mark.parametrize("meta", [{"labels": [0], "tags": 5},
                                   {"labels": [0], "boxes": [[0, 0, 4, 4]], "box_labels": 3}])
 def test_malformed_meta_fields_are_invalid_json(meta):

@@ -254,9 +254,6 @@ def test_check_writable_local_not_writable(tmp_path, monkeypatch):
         storage.check_writable(str(target), "output")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: check_writable only tests os.access on the nearest existing ancestor; when that "
-    "ancestor is a regular file the output can never be created, yet no StorageError is raised"))
 def test_check_writable_under_a_regular_file(tmp_path):
     blocker = tmp_path / "results.txt"
     blocker.write_text("not a directory")
