@@ -13,7 +13,6 @@ returns boxes in image pixels.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -123,63 +122,70 @@ def cam_to_boxes(cams: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, nms_iou: flo
 
 # ---------------------------------------------------------------- the mining actor
 
+def scaled_size(h: int, w: int, short: int, stride: int = 32) -> tuple[int, int]:
+    """The size for short side ``short``, each side rounded to a multiple of ``stride``.
+
+    Rounding changes the aspect ratio by at most ``stride / 2`` pixels a side and lets
+    images of similar shape share one unpadded batch.
+    """
+    s = short / min(h, w)
+    return (max(stride, round(h * s / stride) * stride), max(stride, round(w * s / stride) * stride))
+
+
 def resize_short_side(image: torch.Tensor, size: int, stride: int = 32) -> torch.Tensor:
-    """Resize ``[3, H, W]`` so the short side is ``size`` (aspect kept)."""
-    h, w = image.shape[-2:]
-    s = size / min(h, w)
-    return F.interpolate(image[None], size=(max(stride, round(h * s)), max(stride, round(w * s))),
+    """Resize ``[3, H, W]`` to ``scaled_size`` (short side ``size``, sides on the stride)."""
+    return F.interpolate(image[None], size=scaled_size(*image.shape[-2:], size, stride),
                          mode="bilinear", align_corners=False)[0]
-
-
-def pad_batch(images: list[torch.Tensor], stride: int = 32) -> torch.Tensor:
-    """Stack ``[3, h, w]`` images into one zero-padded batch, sides rounded up to ``stride``."""
-    hmax = math.ceil(max(i.shape[1] for i in images) / stride) * stride
-    wmax = math.ceil(max(i.shape[2] for i in images) / stride) * stride
-    out = images[0].new_zeros((len(images), 3, hmax, wmax))
-    for k, im in enumerate(images):
-        out[k, :, : im.shape[1], : im.shape[2]] = im
-    return out
 
 
 def multiscale_cams(model, images: list[torch.Tensor], image_idx: torch.Tensor, labels: torch.Tensor,
                     scales=(288, 576), flip: bool = True, stride: int = 32) -> tuple[torch.Tensor, list]:
     """CAMs for (image, label) pairs, averaged over scales and horizontal flip.
 
-    ``images`` are normalised ``[3, H, W]`` tensors. Returns ``[P, Hc, Wc]`` CAMs padded
-    with each map's own minimum (so padding never survives normalisation) and, per
-    pair, the valid CAM size ``(hc, wc)`` that spans the whole image.
+    ``images`` are normalised ``[3, H, W]`` tensors. At each scale, images that resize
+    to the same size run as one batch (with their flips), so nothing is padded. Returns
+    ``[P, Hc, Wc]`` CAMs padded with each map's own minimum (padding never survives
+    normalisation) and, per pair, the valid CAM size ``(hc, wc)`` spanning its image.
     """
-    from pseudobox.models.classifier import class_activation_maps
+    from pseudobox.models.classifier import cams_from_features, resnet_features
 
     top = max(scales)
-    valid = []
-    for im in images:
-        h, w = im.shape[1:]
-        s = top / min(h, w)
-        valid.append((math.ceil(round(h * s) / stride), math.ceil(round(w * s) / stride)))
-    per_image_sum = [None] * len(images)
+    valid = [tuple(d // stride for d in scaled_size(*im.shape[1:], top, stride)) for im in images]
+    pairs_of_image: dict[int, list[int]] = {}
+    for p, i in enumerate(image_idx.tolist()):
+        pairs_of_image.setdefault(i, []).append(p)
+    sums: list = [None] * len(labels)
     for size in scales:
-        resized = [resize_short_side(im, size, stride) for im in images]
-        views = [resized] + ([[r.flip(-1) for r in resized]] if flip else [])
-        for v, view in enumerate(views):
-            batch = pad_batch(view, stride)
-            cams = class_activation_maps(model, batch, image_idx, labels)  # [P, h, w]
-            for p in range(len(labels)):
-                i = int(image_idx[p])
-                hh = math.ceil(view[i].shape[1] / stride)
-                ww = math.ceil(view[i].shape[2] / stride)
-                cam = cams[p, :hh, :ww]
-                if v == 1:
-                    cam = cam.flip(-1)
-                cam = F.interpolate(cam[None, None], size=valid[i], mode="bilinear", align_corners=False)[0, 0]
-                per_image_sum[p] = cam if per_image_sum[p] is None else per_image_sum[p] + cam
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            if i in pairs_of_image:
+                groups.setdefault(scaled_size(*im.shape[1:], size, stride), []).append(i)
+        for hw, members in groups.items():
+            batch = torch.stack([F.interpolate(images[i][None], size=hw, mode="bilinear", align_corners=False)[0]
+                                 for i in members])
+            if flip:
+                batch = torch.cat([batch, batch.flip(-1)])
+            pair_ids = [p for i in members for p in pairs_of_image[i]]
+            slot = {i: k for k, i in enumerate(members)}
+            rows = torch.as_tensor([slot[int(image_idx[p])] for p in pair_ids], device=labels.device)
+            pair_labels = labels[pair_ids]
+            feats = resnet_features(model, batch)
+            cams = cams_from_features(model, feats, rows, pair_labels)
+            if flip:
+                cams = cams + cams_from_features(model, feats, rows + len(members), pair_labels).flip(-1)
+            for k, p in enumerate(pair_ids):
+                cam = cams[k]
+                if cam.shape != valid[int(image_idx[p])]:
+                    cam = F.interpolate(cam[None, None], size=valid[int(image_idx[p])], mode="bilinear",
+                                        align_corners=False)[0, 0]
+                sums[p] = cam if sums[p] is None else sums[p] + cam
     n_views = len(scales) * (2 if flip else 1)
     hc = max(v[0] for v in valid)
     wc = max(v[1] for v in valid)
     out = torch.empty((len(labels), hc, wc), device=labels.device)
     pair_sizes = []
     for p in range(len(labels)):
-        cam = per_image_sum[p] / n_views
+        cam = sums[p] / n_views
         out[p] = cam.min()
         out[p, : cam.shape[0], : cam.shape[1]] = cam
         pair_sizes.append(tuple(cam.shape))

@@ -64,7 +64,12 @@ def resnet_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def class_activation_maps(model: nn.Module, images: torch.Tensor, image_idx: torch.Tensor,
                           labels: torch.Tensor) -> torch.Tensor:
     """CAMs ``[P, h, w]`` for P (image index, class) pairs of a normalised batch."""
-    feats = resnet_features(model, images)
+    return cams_from_features(model, resnet_features(model, images), image_idx, labels)
+
+
+def cams_from_features(model: nn.Module, feats: torch.Tensor, image_idx: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+    """The fc weights of each pair's class as a 1×1 conv over its image's feature map."""
     weights = model.fc.weight[labels]  # [P, C]
     return torch.einsum("pc,pchw->phw", weights, feats[image_idx])
 

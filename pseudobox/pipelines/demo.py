@@ -33,8 +33,8 @@ class DemoConfig:
     depth: int = 18
     detector: str = "faster_rcnn"
     classifier_iters: int = 300
-    pretrain_iters: int = 200
-    finetune_iters: int = 150
+    pretrain_iters: int = 150
+    finetune_iters: int = 100
     batch_size: int = 8
     cam_scales: tuple[int, ...] = (96, 160)
     num_workers: int = 2
