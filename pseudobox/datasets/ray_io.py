@@ -71,7 +71,8 @@ def read_corpus(corpus_uri: str, shards: list[str] | None = None):
     return read_shards(uris)
 
 
-def _object_array(items) -> np.ndarray:
+def object_array(items) -> np.ndarray:
+    """A 1-D object array of per-row arrays (ragged columns for Ray Data numpy batches)."""
     out = np.empty(len(items), dtype=object)
     for i, x in enumerate(items):
         out[i] = x
@@ -106,8 +107,8 @@ def decode_batch(batch: dict, classes: list[str], keep_errors: bool = True,
             out[name].append(value)
     return {
         "key": np.asarray(out["key"], dtype=object), "shard": np.asarray(out["shard"], dtype=object),
-        "image": _object_array(out["image"]), "labels": _object_array(out["labels"]),
-        "boxes": _object_array(out["boxes"]), "box_labels": _object_array(out["box_labels"]),
+        "image": object_array(out["image"]), "labels": object_array(out["labels"]),
+        "boxes": object_array(out["boxes"]), "box_labels": object_array(out["box_labels"]),
         "error": np.asarray(out["error"], dtype=object),
     }
 

@@ -110,13 +110,9 @@ def mined_rows(batch: dict, mined: dict, source: str) -> dict:
                             np.asarray(batch["boxes"][i], np.float32), np.asarray(batch["box_labels"][i]))
         for k in QUALITY_FIELDS:
             quality[k].append(q[k])
-    out = {k: np.asarray(v, dtype=object if k in ("boxes", "labels", "scores") else None)
-           for k, v in rows.items() if k not in ("boxes", "labels", "scores")}
-    for k in ("boxes", "labels", "scores"):
-        arr = np.empty(n, dtype=object)
-        for i, v in enumerate(rows[k]):
-            arr[i] = v
-        out[k] = arr
+    from pseudobox.datasets.ray_io import object_array
+
+    out = {k: object_array(v) if k in ("boxes", "labels", "scores") else np.asarray(v) for k, v in rows.items()}
     out.update({k: np.asarray(v, dtype=np.int64) for k, v in quality.items()})
     return out
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from pseudobox import storage
 from pseudobox.config import require, to_dict
+from pseudobox.datasets.ray_io import object_array
 from pseudobox.engine import OptimConfig
 from pseudobox.models.checkpoint import load_checkpoint
 from pseudobox.models.detectors import DetectorArch
@@ -78,12 +79,7 @@ def attach_mined_boxes(batch: dict, boxes_uri: str, min_score: float = 0.0) -> d
         keep = s >= min_score
         boxes.append(b[keep])
         labels.append(lab[keep])
-    out = dict(batch)
-    for name, values in (("boxes", boxes), ("box_labels", labels)):
-        arr = np.empty(len(values), dtype=object)
-        for i, v in enumerate(values):
-            arr[i] = v
-        out[name] = arr
+    out = {**batch, "boxes": object_array(boxes), "box_labels": object_array(labels)}
     return train_detector.drop_images_without_boxes(out)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pseudobox.config import from_dict
+from pseudobox.datasets.ray_io import object_array
 from pseudobox.datasets.transforms import hflip
 from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop, unwrap
 from pseudobox.models.checkpoint import load_checkpoint, make_checkpoint
@@ -38,11 +39,7 @@ def drop_images_without_boxes(batch: dict) -> dict:
             boxes.append(b)
             labels.append(lab)
     out = {k: v[keep] for k, v in batch.items() if k not in ("boxes", "box_labels")}
-    for name, values in (("boxes", boxes), ("box_labels", labels)):
-        arr = np.empty(len(values), dtype=object)
-        for i, v in enumerate(values):
-            arr[i] = v
-        out[name] = arr
+    out["boxes"], out["box_labels"] = object_array(boxes), object_array(labels)
     return out
 
 
