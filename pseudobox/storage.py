@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -178,8 +179,19 @@ def write_bytes(uri: str, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def _json_safe(obj):
+    """NaN/inf are not JSON: write them as null (e.g. COCO APl with no large objects)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(uri: str, obj) -> None:
-    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=False).encode("utf-8"))
+    write_bytes(uri, json.dumps(_json_safe(obj), indent=2, allow_nan=False).encode("utf-8"))
 
 
 def write_text(uri: str, text: str) -> None:

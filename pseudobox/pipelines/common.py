@@ -35,7 +35,10 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
+        # without it that actor logs a warning every few seconds.
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1",
                  object_store_memory=cfg.object_store_mb * 1024 * 1024, log_to_driver=True)
     import ray.data
 

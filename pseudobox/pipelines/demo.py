@@ -35,7 +35,8 @@ class DemoConfig:
     classifier_iters: int = 300
     pretrain_iters: int = 150
     finetune_iters: int = 100
-    batch_size: int = 8
+    batch_size: int = 8           # classifier, per worker
+    detector_batch_size: int = 4  # detectors, per worker
     cam_scales: tuple[int, ...] = (96, 160)
     num_workers: int = 2
     seed: int = 0
@@ -58,8 +59,8 @@ def _arch(cfg: DemoConfig, min_sizes) -> DetectorArch:
                         rpn_post_nms_top_n_train=300, box_batch_size_per_image=64)
 
 
-def _optim(cfg: DemoConfig, iters: int, lr: float) -> OptimConfig:
-    return OptimConfig(lr=lr, max_iters=iters, batch_size=cfg.batch_size, warmup_iters=min(50, max(1, iters // 3)),
+def _optim(cfg: DemoConfig, iters: int, lr: float, batch_size: int) -> OptimConfig:
+    return OptimConfig(lr=lr, max_iters=iters, batch_size=batch_size, warmup_iters=min(50, max(1, iters // 3)),
                        grad_clip=10.0, checkpoint_every=max(iters // 2, 1), log_every=max(iters // 30, 1))
 
 
@@ -112,14 +113,14 @@ def run(cfg: DemoConfig) -> dict:
     cls_ckpt = step("train classifier", lambda: train_classifier.run(train_classifier.TrainClassifierConfig(
         corpus=p["corpus"], output=p["classifier"],
         model=train_classifier.ClassifierModelConfig(depth=cfg.depth),
-        optim=_optim(cfg, cfg.classifier_iters, 0.1), image_size=size, workers=_workers(cfg), ray=cfg.ray)))
+        optim=_optim(cfg, cfg.classifier_iters, 0.1, cfg.batch_size), image_size=size, workers=_workers(cfg), ray=cfg.ray)))
     mining = step("mine CAM boxes", lambda: mine.run(mine.MineConfig(
         corpus=p["corpus"], checkpoint=p["classifier"], output=p["boxes"],
         cam=mine.CamConfig(scales=cfg.cam_scales), batch_size=32, min_actors=1, max_actors=2, ray=cfg.ray)))
     log.info("demo: CAM boxes: CorLoc %.1f%%, recall@0.5 %.1f%%", mining["corloc"] or 0, mining["recall50"] or 0)
     dap_ckpt = step("DAP pre-train", lambda: pretrain.run(pretrain.PretrainConfig(
         corpus=p["corpus"], boxes=p["boxes"], classifier=p["classifier"], output=p["dap"],
-        model=_arch(cfg, (size * 2 // 3, size, size * 4 // 3)), optim=_optim(cfg, cfg.pretrain_iters, 0.01),
+        model=_arch(cfg, (size * 2 // 3, size, size * 4 // 3)), optim=_optim(cfg, cfg.pretrain_iters, 0.01, cfg.detector_batch_size),
         workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
     step("k-shot split", lambda: split.run(split.SplitConfig(corpus=p["downstream"], output=p["split.json"],
                                                              k=cfg.kshot, seed=cfg.seed)))
@@ -129,7 +130,7 @@ def run(cfg: DemoConfig) -> dict:
         results[name] = step(f"fine-tune {name}-init", lambda: finetune.run(finetune.FinetuneConfig(
             corpus=p["downstream"], split=p["split.json"], init=init, checkpoint=ckpt, output=out,
             eval_corpus=p["test"], model=_arch(cfg, (size * 3 // 4, size, size * 5 // 4)),
-            optim=_optim(cfg, cfg.finetune_iters, 0.01), workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
+            optim=_optim(cfg, cfg.finetune_iters, 0.01, cfg.detector_batch_size), workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
 
     summary = {"mining": {k: mining[k] for k in ("corloc", "recall50", "boxes_per_image", "ok", "errors")},
                "finetune": {k: v["metrics"] for k, v in results.items()}, "seconds": timings,
