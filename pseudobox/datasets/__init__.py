@@ -1,0 +1,1 @@
+"""Corpus format, Ray Data reading, transforms that carry boxes, synthetic scenes, splits."""

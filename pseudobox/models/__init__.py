@@ -1,0 +1,1 @@
+"""Classifier + CAM, torchvision detector builders, the checkpoint format."""

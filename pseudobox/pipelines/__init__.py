@@ -1,0 +1,1 @@
+"""One module per CLI stage, plus the shared Ray Train glue and the demo."""
