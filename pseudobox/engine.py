@@ -36,7 +36,7 @@ class OptimConfig:
     gamma: float = 0.1
     batch_size: int = 8  # per worker
     grad_clip: float = 0.0
-    amp: bool = True  # bf16 autocast, on CUDA only
+    amp: bool = True  # fp16 autocast + GradScaler, on CUDA only (as torchvision's references)
     checkpoint_every: int = 500
     log_every: int = 20
 
@@ -129,6 +129,7 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
     history = list(history or [])
     step = start_step
     use_amp = cfg.amp and device is not None and torch.device(device).type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     running: dict[str, float] = {}
     n_running, t_last = 0, time.time()
     model.train()
@@ -136,7 +137,7 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
         seen = 0
         for batch in batches():
             seen += 1
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 losses = loss_fn(model, batch)
             loss = sum(losses.values())
             loss_value = float(loss.detach())
@@ -144,10 +145,12 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
                 raise FloatingPointError(f"loss is {loss_value} at step {step}: {({k: float(v.detach()) for k, v in losses.items()})}; "
                                          "lower optim.lr or raise optim.warmup_iters")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
             for k, v in losses.items():

@@ -179,19 +179,19 @@ def write_bytes(uri: str, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """NaN/inf are not JSON: write them as null (e.g. COCO APl with no large objects)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
 def write_json(uri: str, obj) -> None:
-    write_bytes(uri, json.dumps(_json_safe(obj), indent=2, allow_nan=False).encode("utf-8"))
+    write_bytes(uri, json.dumps(json_safe(obj), indent=2, allow_nan=False).encode("utf-8"))
 
 
 def write_text(uri: str, text: str) -> None:
@@ -244,6 +244,12 @@ def check_writable(uri: str, what: str) -> None:
             raise StorageError(f"{what}: cannot access bucket s3://{bucket}: {e}") from e
         if not ok:
             raise StorageError(f"{what}: bucket s3://{bucket} does not exist (create it first)")
+        probe = join(uri, f".pseudobox-write-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            write_bytes(probe, b"")
+            remove(probe)
+        except Exception as e:
+            raise StorageError(f"{what}: cannot write under {uri}: {e}") from e
     else:
         _, path = split_uri(uri)
         parent = path

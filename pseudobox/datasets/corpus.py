@@ -178,8 +178,10 @@ class _CountingReader:
 def iter_raw_samples(fileobj, shard_name: str) -> Iterator[dict]:
     """Group a tar stream's members into raw samples ``{key, shard, image, image_ext, meta, error}``.
 
-    A truncated or unreadable tar stops the shard; the samples read so far are kept and
-    one extra record with ``error="truncated_shard: ..."`` says what happened.
+    A truncated or malformed tar stops the shard; the samples read so far are kept and
+    one extra record with ``error="truncated_shard: ..."`` says what happened. Network or
+    disk errors are raised, not recorded, so the read is retried instead of a shard being
+    marked done with samples missing.
     """
     current: dict | None = None
     reader = _CountingReader(fileobj)
@@ -205,7 +207,7 @@ def iter_raw_samples(fileobj, shard_name: str) -> Iterator[dict]:
                 raise tarfile.ReadError("no end-of-archive block (file cut at a member boundary?)")
         if current is not None:
             yield current
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+    except (tarfile.TarError, EOFError) as e:  # I/O errors propagate: Ray retries the read
         # The sample being assembled when the tar broke keeps what was read; decoding
         # flags it if a member is missing.
         if current is not None:

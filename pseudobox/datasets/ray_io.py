@@ -49,26 +49,30 @@ def _datasource_cls():
     return ShardDatasource
 
 
-def read_shards(uris: list[str], override_num_blocks: int | None = None):
-    """A Ray Dataset streaming the raw rows of the given shard URIs (local or s3://)."""
+def read_shards(uris: list[str], override_num_blocks: int | None = None, shuffle: bool = False):
+    """A Ray Dataset streaming the raw rows of the given shard URIs (local or s3://).
+
+    ``shuffle`` reads the shards in a new random order each epoch (training: corpora are
+    often written class by class).
+    """
     import ray
 
     if not uris:
         raise ValueError("no shards to read")
     fs, _ = storage.pyarrow_filesystem(uris[0])
     paths = [storage.split_uri(u)[1] for u in uris]
-    datasource = _datasource_cls()(paths, filesystem=fs)
+    datasource = _datasource_cls()(paths, filesystem=fs, shuffle="files" if shuffle else None)
     return ray.data.read_datasource(datasource, override_num_blocks=override_num_blocks or len(paths))
 
 
-def read_corpus(corpus_uri: str, shards: list[str] | None = None):
+def read_corpus(corpus_uri: str, shards: list[str] | None = None, shuffle: bool = False):
     """Stream a corpus (all shards, or the named subset) as raw rows."""
     manifest = load_manifest(corpus_uri)
     uris = shard_uris(corpus_uri, manifest)
     if shards is not None:
         wanted = set(shards)
         uris = [u for u in uris if storage.basename(u) in wanted]
-    return read_shards(uris)
+    return read_shards(uris, shuffle=shuffle)
 
 
 def object_array(items) -> np.ndarray:
@@ -114,10 +118,10 @@ def decode_batch(batch: dict, classes: list[str], keep_errors: bool = True,
 
 
 def decoded_corpus(corpus_uri: str, keep_errors: bool = True, keys: set[str] | None = None,
-                   shards: list[str] | None = None, batch_size: int = 32):
+                   shards: list[str] | None = None, batch_size: int = 32, shuffle: bool = False):
     """``read_corpus`` followed by the CPU decode stage, as one Ray Dataset."""
     classes = load_manifest(corpus_uri).classes
-    return read_corpus(corpus_uri, shards=shards).map_batches(
+    return read_corpus(corpus_uri, shards=shards, shuffle=shuffle).map_batches(
         decode_batch, fn_kwargs={"classes": classes, "keep_errors": keep_errors, "keys": keys},
         batch_size=batch_size, batch_format="numpy", num_cpus=1,
     )

@@ -117,18 +117,26 @@ def mined_rows(batch: dict, mined: dict, source: str) -> dict:
     return out
 
 
+def _is_sample(row: dict) -> bool:
+    """Shard-level error records (``__<shard>__truncated``) are not samples."""
+    return not str(row["key"]).startswith("__")
+
+
 class ShardPartWriter:
     """Buffers mined rows per shard and writes each shard's part and report atomically.
 
-    A shard is flushed as soon as all of its samples have arrived (counts from the
-    corpus manifest) and again at the end for shards cut short (truncated tars).
+    A shard is written as soon as all the samples its manifest promises have arrived.
+    Rows that arrive after that (Ray Data does not keep row order, so a shard-level error
+    record can come last) are merged into the written part at ``close()``, and shards
+    cut short (truncated tars) are written there too.
     """
 
     def __init__(self, out_uri: str, expected: dict[str, int], source: str):
         self.out_uri, self.expected, self.source = out_uri, dict(expected), source
         self.buffers: dict[str, list[dict]] = {}
+        self.samples: dict[str, int] = {}
+        self.late: dict[str, list[dict]] = {}
         self.reports: dict[str, dict] = {}
-        self.started = time.time()
 
     def add_batch(self, batch: dict) -> list[str]:
         """Take one output batch; returns the shards it completed."""
@@ -136,31 +144,41 @@ class ShardPartWriter:
         for i in range(len(batch["key"])):
             shard = str(batch["shard"][i])
             row = {k: batch[k][i] for k in batch}
+            if shard in self.reports:
+                self.late.setdefault(shard, []).append(row)
+                continue
             self.buffers.setdefault(shard, []).append(row)
-            if len(self.buffers[shard]) >= self.expected.get(shard, float("inf")):
+            self.samples[shard] = self.samples.get(shard, 0) + _is_sample(row)
+            if self.samples[shard] >= self.expected.get(shard, float("inf")):
                 self.flush(shard)
                 done.append(shard)
         return done
 
-    def flush(self, shard: str) -> dict:
-        rows = self.buffers.pop(shard, [])
-        real = [r for r in rows if not str(r["key"]).startswith("__")]
-        errors: dict[str, int] = {}
+    def _report(self, shard: str, rows: list[dict], previous: dict | None = None) -> dict:
+        real = [r for r in rows if _is_sample(r)]
+        errors = dict((previous or {}).get("errors", {}))
+        errors.pop("missing_samples", None)
         for r in rows:
             if r["error"]:
                 kind = error_kind(str(r["error"]))
                 errors[kind] = errors.get(kind, 0) + 1
-        missing = (self.expected.get(shard) or 0) - len(real)
+        prev = previous or {}
+        n_rows = prev.get("rows", 0) + len(real)
+        missing = (self.expected.get(shard) or 0) - n_rows
         if missing > 0:  # samples the manifest promised that never arrived (cut shard)
             errors["missing_samples"] = missing
-        report = {
+        return {
             "shard": shard, "source": self.source, "expected_samples": self.expected.get(shard),
-            "rows": len(real), "ok": sum(1 for r in real if not r["error"]),
-            "boxes": int(sum(len(r["boxes"]) for r in real)), "errors": errors,
-            **{k: int(sum(int(r[k]) for r in rows)) for k in QUALITY_FIELDS},
+            "rows": n_rows, "ok": prev.get("ok", 0) + sum(1 for r in real if not r["error"]),
+            "boxes": prev.get("boxes", 0) + int(sum(len(r["boxes"]) for r in real)), "errors": errors,
+            **{k: prev.get(k, 0) + int(sum(int(r[k]) for r in rows)) for k in QUALITY_FIELDS},
             "written_at": time.time(),
         }
-        table = pa.table({
+
+    @staticmethod
+    def _table(shard: str, rows: list[dict]) -> pa.Table:
+        real = [r for r in rows if _is_sample(r)]
+        return pa.table({
             "key": [str(r["key"]) for r in real], "shard": [shard] * len(real),
             "boxes": [np.asarray(r["boxes"], np.float32).reshape(-1, 4).tolist() for r in real],
             "labels": [np.asarray(r["labels"]).tolist() for r in real],
@@ -168,6 +186,8 @@ class ShardPartWriter:
             "width": [int(r["width"]) for r in real], "height": [int(r["height"]) for r in real],
             "source": [str(r["source"]) for r in real], "error": [str(r["error"]) for r in real],
         }, schema=PART_SCHEMA)
+
+    def _write(self, shard: str, table: pa.Table, report: dict) -> dict:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         # Report first, part last: the part's presence is what marks the shard complete.
@@ -176,9 +196,17 @@ class ShardPartWriter:
         self.reports[shard] = report
         return report
 
+    def flush(self, shard: str) -> dict:
+        rows = self.buffers.pop(shard, [])
+        return self._write(shard, self._table(shard, rows), self._report(shard, rows))
+
     def close(self) -> dict[str, dict]:
         for shard in list(self.buffers):
             self.flush(shard)
+        for shard, rows in self.late.items():
+            table = pa.concat_tables([read_part(part_uri(self.out_uri, shard)), self._table(shard, rows)])
+            self._write(shard, table, self._report(shard, rows, previous=self.reports[shard]))
+        self.late = {}
         return self.reports
 
 

@@ -102,15 +102,16 @@ def build_imagefolder(cfg: BuildCorpusConfig) -> CorpusManifest:
     classes = sorted(d for d in os.listdir(cfg.source) if os.path.isdir(os.path.join(cfg.source, d)))
     require(bool(classes), f"{cfg.source} has no class sub-directories")
     writer = CorpusWriter(cfg.output, classes, cfg.samples_per_shard, extra={"builder": "imagefolder", "source": cfg.source})
-    for idx, name in enumerate(classes):
-        folder = os.path.join(cfg.source, name)
-        for fname in sorted(os.listdir(folder)):
-            stem, ext = os.path.splitext(fname)
-            if ext.lower() not in IMAGE_SUFFIXES:
-                continue
-            with open(os.path.join(folder, fname), "rb") as f:
-                data = f.read()
-            writer.add(safe_key(f"{name}_{stem}"), data, {"labels": [idx]}, ext="png" if ext.lower() == ".png" else "jpg")
+    files = [(idx, name, fname) for idx, name in enumerate(classes)
+             for fname in sorted(os.listdir(os.path.join(cfg.source, name)))
+             if os.path.splitext(fname)[1].lower() in IMAGE_SUFFIXES]
+    # Seeded shuffle: every shard holds a mix of classes, not one class each.
+    for k in np.random.default_rng(cfg.synthetic.seed).permutation(len(files)):
+        idx, name, fname = files[k]
+        stem, ext = os.path.splitext(fname)
+        with open(os.path.join(cfg.source, name, fname), "rb") as f:
+            data = f.read()
+        writer.add(safe_key(f"{name}_{stem}"), data, {"labels": [idx]}, ext="png" if ext.lower() == ".png" else "jpg")
     return writer.close()
 
 

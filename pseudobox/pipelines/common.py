@@ -5,7 +5,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pseudobox.config import require
+from pseudobox.config import ConfigError, require
 
 log = logging.getLogger("pseudobox")
 
@@ -63,3 +63,24 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("ray", "ray.data", "ray.train", "filelock", "botocore", "s3fs", "aiobotocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def check_same_run(output: str, fingerprint: dict) -> None:
+    """Refuse to resume into ``output`` with different inputs or model.
+
+    Stages resume whatever they find under their output (mining parts, training
+    checkpoints); the first run records ``run.json`` there, and a later run must match it.
+    Settings that may change between submissions (e.g. the schedule length) stay out of
+    the fingerprint.
+    """
+    from pseudobox import storage
+
+    uri = storage.join(output, "run.json")
+    if storage.exists(uri):
+        previous = storage.read_json(uri)
+        if previous != storage.json_safe(fingerprint):
+            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+            raise ConfigError(f"{output} holds a run with different {changed}; "
+                              "use a new output, or delete the old one to start over")
+    else:
+        storage.write_json(uri, fingerprint)

@@ -17,7 +17,7 @@ from pseudobox.engine import OptimConfig
 from pseudobox.models.checkpoint import load_checkpoint
 from pseudobox.models.detectors import DetectorArch
 from pseudobox.pipelines import evaluate, train_detector, trainer
-from pseudobox.pipelines.common import RayConfig, init_ray, log
+from pseudobox.pipelines.common import RayConfig, check_same_run, init_ray, log
 
 INITS = ("detector", "classifier", "random")
 
@@ -71,10 +71,12 @@ def run(cfg: FinetuneConfig) -> dict:
     from pseudobox.datasets.ray_io import decoded_corpus
 
     cfg.check_paths()
+    check_same_run(cfg.output, {"stage": "finetune", "corpus": cfg.corpus, "split": cfg.split, "init": cfg.init,
+                                "checkpoint": cfg.checkpoint, "model": to_dict(cfg.model)})
     manifest = load_manifest(cfg.corpus)
     keys = evaluate.read_split_keys(cfg.split) if cfg.split else None
     init_ray(cfg.ray)
-    ds = decoded_corpus(cfg.corpus, keep_errors=False, keys=keys).map_batches(
+    ds = decoded_corpus(cfg.corpus, keep_errors=False, keys=keys, shuffle=True).map_batches(
         train_detector.drop_images_without_boxes, batch_format="numpy", num_cpus=1)
     if cfg.cache_dataset:
         ds = ds.materialize()

@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass, field
 
 from pseudobox import storage
-from pseudobox.config import ConfigError, require, to_dict
+from pseudobox.config import require, to_dict
 from pseudobox.mining import outputs
-from pseudobox.pipelines.common import RayConfig, init_ray, log, resolve_use_gpu
+from pseudobox.pipelines.common import RayConfig, check_same_run, init_ray, log, resolve_use_gpu
 
 SOURCES = ("cam",)
 
@@ -62,27 +62,12 @@ class MineConfig:
     def check_paths(self) -> None:
         """Fail before any Ray work when an input is missing or the output unwritable."""
         from pseudobox.datasets.corpus import load_manifest
-        from pseudobox.models.checkpoint import resolve_checkpoint
+        from pseudobox.models.checkpoint import load_checkpoint
 
         storage.check_readable(self.corpus, "corpus")
         load_manifest(self.corpus)
-        resolve_checkpoint(self.checkpoint)
+        load_checkpoint(self.checkpoint, expect_type="classifier")
         storage.check_writable(self.output, "output")
-
-
-def check_same_run(cfg: MineConfig) -> None:
-    """Resuming is per shard, so every part of one output must come from one setting:
-    refuse to mix parts mined with another corpus, checkpoint, source or CAM setting."""
-    fingerprint = {"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source, "cam": to_dict(cfg.cam)}
-    uri = storage.join(cfg.output, "run.json")
-    if storage.exists(uri):
-        previous = storage.read_json(uri)
-        if previous != fingerprint:
-            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-            raise ConfigError(f"{cfg.output} holds parts mined with a different {changed}; "
-                              "use a new output, or delete the old one to start over")
-    else:
-        storage.write_json(uri, fingerprint)
 
 
 def run(cfg: MineConfig) -> dict:
@@ -93,7 +78,9 @@ def run(cfg: MineConfig) -> dict:
 
     cfg.check_paths()
     manifest = load_manifest(cfg.corpus)
-    check_same_run(cfg)
+    # Resuming is per shard, so all parts of one output must come from one setting.
+    check_same_run(cfg.output, {"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source,
+                                "cam": to_dict(cfg.cam)})
     done = outputs.done_shards(cfg.output)
     pending = [s.name for s in manifest.shards if s.name not in done]
     log.info("mine: %d shards, %d already complete, %d to do", len(manifest.shards), len(done), len(pending))
@@ -109,6 +96,7 @@ def run(cfg: MineConfig) -> dict:
             fn_constructor_kwargs={"checkpoint_uri": cfg.checkpoint, "scales": cfg.cam.scales, "flip": cfg.cam.flip,
                                    "thresholds": cfg.cam.thresholds, "nms_iou": cfg.cam.nms_iou,
                                    "min_component_ratio": cfg.cam.min_component_ratio,
+                                   "device": "cuda" if use_gpu else "cpu",  # never a GPU it did not reserve
                                    "threads": None if use_gpu else max(1, int(cfg.cpus_per_actor))},
             batch_size=cfg.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),

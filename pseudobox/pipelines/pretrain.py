@@ -19,7 +19,7 @@ from pseudobox.engine import OptimConfig
 from pseudobox.models.checkpoint import load_checkpoint
 from pseudobox.models.detectors import DetectorArch
 from pseudobox.pipelines import train_detector, trainer
-from pseudobox.pipelines.common import RayConfig, init_ray
+from pseudobox.pipelines.common import RayConfig, check_same_run, init_ray
 
 METHODS = ("dap",)
 
@@ -88,9 +88,11 @@ def run(cfg: PretrainConfig) -> dict:
     from pseudobox.datasets.ray_io import decoded_corpus
 
     cfg.check_paths()
+    check_same_run(cfg.output, {"stage": "pretrain", "corpus": cfg.corpus, "boxes": cfg.boxes,
+                                "classifier": cfg.classifier, "method": cfg.method, "model": to_dict(cfg.model)})
     manifest = load_manifest(cfg.corpus)
     init_ray(cfg.ray)
-    ds = decoded_corpus(cfg.corpus, keep_errors=False).map_batches(
+    ds = decoded_corpus(cfg.corpus, keep_errors=False, shuffle=True).map_batches(
         attach_mined_boxes, fn_kwargs={"boxes_uri": cfg.boxes, "min_score": cfg.min_score},
         batch_format="numpy", num_cpus=1)
     loop_config = {"arch": to_dict(cfg.model), "optim": to_dict(cfg.optim), "class_names": manifest.classes,

@@ -16,7 +16,7 @@ from pseudobox.config import from_dict, require, to_dict
 from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop, unwrap
 from pseudobox.models.checkpoint import load_checkpoint, make_checkpoint
 from pseudobox.pipelines import trainer
-from pseudobox.pipelines.common import RayConfig, init_ray
+from pseudobox.pipelines.common import RayConfig, check_same_run, init_ray
 
 
 @dataclass
@@ -120,9 +120,11 @@ def run(cfg: TrainClassifierConfig) -> dict:
     from pseudobox.datasets.transforms import classification_batch
 
     cfg.check_paths()
+    check_same_run(cfg.output, {"stage": "train-classifier", "corpus": cfg.corpus, "model": to_dict(cfg.model),
+                                "image_size": cfg.image_size})
     manifest = load_manifest(cfg.corpus)
     init_ray(cfg.ray)
-    ds = decoded_corpus(cfg.corpus, keep_errors=False).map_batches(
+    ds = decoded_corpus(cfg.corpus, keep_errors=False, shuffle=True).map_batches(
         classification_batch, fn_kwargs={"size": cfg.image_size, "num_classes": len(manifest.classes), "train": True},
         batch_format="numpy", num_cpus=1)
     result = trainer.fit(worker, {"config": to_dict(cfg), "class_names": manifest.classes,

@@ -97,4 +97,6 @@ def dataset_batches(name: str, batch_size: int):
     import ray.train
 
     shard = ray.train.get_dataset_shard(name)
-    return lambda: shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
+    # Shards are read in random order; the buffer mixes samples across blocks too.
+    return lambda: shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2,
+                                      local_shuffle_buffer_size=16 * batch_size)

@@ -109,3 +109,38 @@ def test_part_is_atomic_under_failure(tmp_path, monkeypatch):
         writer.flush("shard-000000.tar")
     assert outputs.done_shards(out_uri) == set()
     assert storage.listdir(str(tmp_path / "mined" / "parts")) == []
+
+
+def _row(key, error=""):
+    return {"key": key, "shard": "s.tar", "boxes": np.zeros((1, 4), np.float32), "labels": np.zeros(1, np.int64),
+            "scores": np.ones(1, np.float32), "width": 4, "height": 4, "source": "cam", "error": error,
+            "corloc_hits": 0, "corloc_images": 0, "gt_boxes": 0, "gt_recalled": 0}
+
+
+def _batch(rows):
+    return {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+
+
+@pytest.mark.parametrize("order", ["error_last", "error_first"])
+def test_shard_error_record_in_any_order_never_overwrites_the_part(tmp_path, order):
+    out_uri = str(tmp_path / "mined")
+    writer = outputs.ShardPartWriter(out_uri, {"s.tar": 2}, "cam")
+    rows = [_row("a"), _row("b"), _row("__s.tar__truncated", "truncated_shard: cut")]
+    if order == "error_first":
+        rows = rows[::-1]
+    for r in rows:
+        writer.add_batch(_batch([r]))
+    writer.close()
+    part = outputs.read_part(outputs.part_uri(out_uri, "s.tar")).to_pydict()
+    assert sorted(part["key"]) == ["a", "b"]
+    report = outputs.load_reports(out_uri)["s.tar"]
+    assert report["rows"] == 2 and report["ok"] == 2 and report["boxes"] == 2
+    assert report["errors"] == {"truncated_shard": 1}
+
+
+def test_missing_samples_are_reported(tmp_path):
+    out_uri = str(tmp_path / "mined")
+    writer = outputs.ShardPartWriter(out_uri, {"s.tar": 5}, "cam")
+    writer.add_batch(_batch([_row("a"), _row("__s.tar__truncated", "truncated_shard: cut")]))
+    writer.close()
+    assert outputs.load_reports(out_uri)["s.tar"]["errors"] == {"truncated_shard": 1, "missing_samples": 4}
