@@ -109,5 +109,16 @@ def tiny_corpus(tmp_path):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Small CPU models run faster and far more predictably on one thread on a busy 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)

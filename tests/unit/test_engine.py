@@ -15,13 +15,7 @@ from pseudobox.pipelines import train_classifier, train_detector
 from pseudobox.pipelines.train_classifier import ClassifierModelConfig, TrainClassifierConfig
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small CPU models run faster and far more predictably on one thread on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- learning rate schedule

@@ -22,13 +22,7 @@ CLASSES8 = [f"c{i}" for i in range(8)]
 CLASSES16 = [f"c{i}" for i in range(16)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small CPU models run faster and far more predictably on one thread on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_arch(detector: str, **kw) -> DetectorArch:
