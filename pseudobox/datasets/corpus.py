@@ -1,7 +1,8 @@
 """The corpus format: webdataset tar shards plus a ``corpus.json`` manifest.
 
 A sample is ``KEY.jpg`` (or ``.png``) plus ``KEY.json`` holding
-``{"labels": [class indices], "tags": [...]?, "boxes": [[x1,y1,x2,y2], ...]?, "box_labels": [...]?}``.
+``{"labels": [class indices], "tags": [...]?, "boxes": [[x1,y1,x2,y2], ...]?, "box_labels": [...]?,
+"iscrowd": [0|1 per box]?, "difficult": [0|1 per box]?}``.
 Boxes are xyxy absolute pixels. The manifest is written last, so a corpus whose
 ``corpus.json`` exists is complete.
 
@@ -277,11 +278,18 @@ def parse_meta(meta_bytes: bytes | None, classes: list[str], image_hw: tuple[int
         arr[:, 1::2] = arr[:, 1::2].clip(0, h)
         out["boxes"] = arr
         out["box_labels"] = np.asarray([to_index(x) for x in box_labels], dtype=np.int64)
+        # Optional ignore flags: COCO crowd regions and VOC difficult objects are kept for
+        # evaluation (neither TP nor FP there) and left out of training targets.
+        for flag in ("iscrowd", "difficult"):
+            values = meta.get(flag, [0] * len(arr))
+            if not isinstance(values, list) or len(values) != len(arr):
+                raise ValueError(f"invalid_json: '{flag}' must be a list matching 'boxes'")
+            out[flag] = np.asarray(values, dtype=bool)
     return out
 
 
 def decode_sample(raw: dict, classes: list[str]) -> dict:
-    """Raw sample → ``{key, shard, image, labels, tags, boxes?, box_labels?}``.
+    """Raw sample → ``{key, shard, image, labels, tags, boxes?, box_labels?, iscrowd?, difficult?}``.
 
     Raises ``ValueError("<kind>: ...")`` for every kind of bad input so that callers can
     count it per shard and go on.

@@ -99,9 +99,12 @@ def decode_batch(batch: dict, classes: list[str], keep_errors: bool = True,
             continue
         try:
             s = decode_sample(raw, classes)
-            row = (s["key"], s["shard"], s["image"], np.asarray(s["labels"], dtype=np.int64),
-                   s.get("boxes", np.zeros((0, 4), np.float32)),
-                   s.get("box_labels", np.zeros((0,), np.int64)), "")
+            boxes = s.get("boxes", np.zeros((0, 4), np.float32))
+            box_labels = s.get("box_labels", np.zeros((0,), np.int64))
+            if len(boxes):  # crowd / difficult boxes are evaluation-only: not targets
+                keep = ~(s["iscrowd"] | s["difficult"])
+                boxes, box_labels = boxes[keep], box_labels[keep]
+            row = (s["key"], s["shard"], s["image"], np.asarray(s["labels"], dtype=np.int64), boxes, box_labels, "")
         except ValueError as e:
             if not keep_errors:
                 continue

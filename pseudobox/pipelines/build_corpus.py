@@ -121,8 +121,6 @@ def build_coco(cfg: BuildCorpusConfig) -> CorpusManifest:
     index_of = {c["id"]: i for i, c in enumerate(categories)}
     per_image: dict[int, list] = {}
     for ann in coco.get("annotations", []):
-        if ann.get("iscrowd", 0):
-            continue
         per_image.setdefault(ann["image_id"], []).append(ann)
     writer = CorpusWriter(cfg.output, [c["name"] for c in categories], cfg.samples_per_shard, kind="detection",
                           extra={"builder": "coco", "annotations": cfg.annotations})
@@ -138,8 +136,10 @@ def build_coco(cfg: BuildCorpusConfig) -> CorpusManifest:
         with open(path, "rb") as f:
             data = f.read()
         stem, ext = os.path.splitext(img["file_name"])
+        crowd = [int(bool(a.get("iscrowd", 0))) for a in anns]  # kept as ignore regions for evaluation
+        labels = sorted({c for c, is_crowd in zip(box_labels, crowd) if not is_crowd})
         writer.add(safe_key(f"{img['id']}_{stem}"), data,
-                   {"labels": sorted(set(box_labels)), "boxes": boxes, "box_labels": box_labels},
+                   {"labels": labels, "boxes": boxes, "box_labels": box_labels, "iscrowd": crowd},
                    ext="png" if ext.lower() == ".png" else "jpg")
     if skipped:
         log.warning("build-corpus: %d images listed in %s were not found under %s", skipped, cfg.annotations, cfg.source)

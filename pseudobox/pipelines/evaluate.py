@@ -59,9 +59,13 @@ def evaluate_detector(predict_fn: Callable[[list[torch.Tensor]], list[dict]], sa
 
     for s in samples:
         h, w = s["image"].shape[:2]
-        gts.append({"key": s["key"], "boxes": torch.as_tensor(s.get("boxes", torch.zeros(0, 4))),
+        boxes = torch.as_tensor(s.get("boxes", torch.zeros(0, 4)))
+        crowd = torch.as_tensor(s.get("iscrowd", torch.zeros(len(boxes), dtype=torch.bool)))
+        difficult = torch.as_tensor(s.get("difficult", torch.zeros(len(boxes), dtype=torch.bool)))
+        # COCO ignores crowd regions; VOC ignores difficult objects, and crowd ones too.
+        gts.append({"key": s["key"], "boxes": boxes,
                     "labels": torch.as_tensor(s.get("box_labels", torch.zeros(0, dtype=torch.int64))),
-                    "width": w, "height": h})
+                    "iscrowd": crowd, "difficult": difficult | crowd, "width": w, "height": h})
         chunk.append(s)
         if len(chunk) >= batch_size:
             flush()
