@@ -226,6 +226,12 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0]
 
 
+def tally_error(counts: dict, error: str) -> None:
+    """Count one ``"<kind>: detail"`` error into ``counts[kind]``."""
+    kind = error_kind(error)
+    counts[kind] = counts.get(kind, 0) + 1
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Decode JPEG/PNG bytes into an HWC uint8 RGB array; raises on corrupt data."""
     with Image.open(io.BytesIO(data)) as im:
@@ -320,6 +326,4 @@ def iter_corpus(corpus_uri: str, errors: dict | None = None, keys: set[str] | No
                 yield decode_sample(raw, manifest.classes)
             except ValueError as e:
                 if errors is not None:
-                    shard = errors.setdefault(raw["shard"], {})
-                    kind = error_kind(str(e))
-                    shard[kind] = shard.get(kind, 0) + 1
+                    tally_error(errors.setdefault(raw["shard"], {}), str(e))

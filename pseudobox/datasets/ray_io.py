@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pseudobox import storage
 from pseudobox.datasets.corpus import (
-    decode_sample, error_kind, iter_raw_samples, load_manifest, shard_uris,
+    decode_sample, iter_raw_samples, load_manifest, shard_uris, tally_error,
 )
 
 RAW_SCHEMA = pa.schema([
@@ -134,6 +134,4 @@ def count_errors(errors: np.ndarray, shards: np.ndarray, report: dict) -> None:
     """Add a batch's error rows into ``report[shard][kind]``."""
     for err, shard in zip(errors, shards):
         if err:
-            per_shard = report.setdefault(str(shard), {})
-            kind = error_kind(str(err))
-            per_shard[kind] = per_shard.get(kind, 0) + 1
+            tally_error(report.setdefault(str(shard), {}), str(err))

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pseudobox import storage
-from pseudobox.datasets.corpus import error_kind
+from pseudobox.datasets.corpus import tally_error
 
 PART_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()),
@@ -160,8 +160,7 @@ class ShardPartWriter:
         errors.pop("missing_samples", None)
         for r in rows:
             if r["error"]:
-                kind = error_kind(str(r["error"]))
-                errors[kind] = errors.get(kind, 0) + 1
+                tally_error(errors, str(r["error"]))
         prev = previous or {}
         n_rows = prev.get("rows", 0) + len(real)
         missing = (self.expected.get(shard) or 0) - n_rows

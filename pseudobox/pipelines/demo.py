@@ -70,7 +70,9 @@ def _gallery_items(cfg: DemoConfig, corpus: str, boxes_uri: str, n: int = 12) ->
 
     items, cache = [], {}
     for s in iter_corpus(corpus):
-        mined = cache.setdefault(s["shard"], load_mined_boxes(boxes_uri, s["shard"])).get(s["key"])
+        if s["shard"] not in cache:  # one parquet read per shard, not per sample
+            cache[s["shard"]] = load_mined_boxes(boxes_uri, s["shard"])
+        mined = cache[s["shard"]].get(s["key"])
         if mined is None:
             continue
         items.append({"key": s["key"], "image": s["image"], "boxes": mined[0], "labels": mined[1],

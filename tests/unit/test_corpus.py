@@ -197,54 +197,49 @@ def test_bad_samples_skipped_and_counted_by_kind(tmp_path):
                                   "unknown_class": 2, "missing_image": 1}}
 
 
-def test_truncated_tar_keeps_earlier_samples(tmp_path):
+def _corpus_with_cut_shard(tmp_path, n: int, cut_at) -> tuple[list[str], dict]:
+    """Write an n-sample one-shard corpus, cut its tar at ``cut_at(members, data)``, and
+    read it back: returns the keys read and the error counts."""
     uri = str(tmp_path / "c")
-    write_corpus(uri, n=6, per_shard=6, fmt="jpg")
+    write_corpus(uri, n=n, per_shard=n, fmt="jpg")
     shard = f"{uri}/shard-000000.tar"
     data = open(shard, "rb").read()
     with tarfile.open(shard) as tar:
         members = tar.getmembers()
-    assert members[6].name == "img003.jpg"
-    # Cut the file about in half, inside img003.jpg's data (a cut exactly at a header is
-    # another matter: see the xfail below).
-    cut = members[6].offset_data + members[6].size // 2
-    assert abs(cut - len(data) // 2) < len(data) // 4
     with open(shard, "wb") as f:
-        f.write(data[:cut])
+        f.write(data[:cut_at(members, data)])
     errors: dict = {}
     keys = [s["key"] for s in iter_corpus(uri, errors=errors)]
+    return keys, errors
+
+
+def test_truncated_tar_keeps_earlier_samples(tmp_path):
+    def about_half(members, data):
+        # Inside img003.jpg's data (a cut exactly at a header is tested below).
+        assert members[6].name == "img003.jpg"
+        cut = members[6].offset_data + members[6].size // 2
+        assert abs(cut - len(data) // 2) < len(data) // 4
+        return cut
+
+    keys, errors = _corpus_with_cut_shard(tmp_path, 6, about_half)
     assert keys == ["img000", "img001", "img002"]
     assert errors == {"shard-000000.tar": {"truncated_shard": 1}}
 
 
 def test_truncated_tar_inside_json_member(tmp_path):
-    uri = str(tmp_path / "c")
-    write_corpus(uri, n=4, per_shard=4, fmt="jpg")
-    shard = f"{uri}/shard-000000.tar"
-    data = open(shard, "rb").read()
-    with tarfile.open(shard) as tar:
-        members = tar.getmembers()
-    assert members[3].name == "img001.json"
-    with open(shard, "wb") as f:
-        f.write(data[:members[3].offset_data + 3])
-    errors: dict = {}
-    keys = [s["key"] for s in iter_corpus(uri, errors=errors)]
+    def inside_json(members, data):
+        assert members[3].name == "img001.json"
+        return members[3].offset_data + 3
+
+    keys, errors = _corpus_with_cut_shard(tmp_path, 4, inside_json)
     assert keys == ["img000"]
     # img001 had its image but lost its json; the shard break is recorded too.
     assert errors == {"shard-000000.tar": {"missing_json": 1, "truncated_shard": 1}}
 
 
 def test_tar_truncated_at_member_boundary_is_reported(tmp_path):
-    uri = str(tmp_path / "c")
-    write_corpus(uri, n=6, per_shard=6, fmt="jpg")
-    shard = f"{uri}/shard-000000.tar"
-    data = open(shard, "rb").read()
-    with tarfile.open(shard) as tar:
-        members = tar.getmembers()
-    with open(shard, "wb") as f:
-        f.write(data[:members[4].offset])  # keeps img000 and img001 whole
-    errors: dict = {}
-    keys = [s["key"] for s in iter_corpus(uri, errors=errors)]
+    # Cut right before img002's header: img000 and img001 stay whole.
+    keys, errors = _corpus_with_cut_shard(tmp_path, 6, lambda members, data: members[4].offset)
     assert keys == ["img000", "img001"]
     assert errors.get("shard-000000.tar", {}).get("truncated_shard") == 1
 
