@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import torch
 
 from pseudobox.config import require
-from pseudobox.models.checkpoint import MODEL_FILE
+from pseudobox.models.checkpoint import MODEL_FILE, read_checkpoint_file
 
 
 @dataclass
@@ -89,6 +89,8 @@ class WorkerCheckpointer:
             self.rank = ray.train.get_context().get_world_rank()
 
     def restore(self) -> dict | None:
+        """The latest training checkpoint, or None; loaded weights-only (``CheckpointError``
+        on a corrupt file or one that carries code)."""
         if self.in_ray:
             import ray.train
 
@@ -96,9 +98,9 @@ class WorkerCheckpointer:
             if ckpt is None:
                 return None
             with ckpt.as_directory() as d:
-                return torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=False)
+                return read_checkpoint_file(os.path.join(d, MODEL_FILE))
         path = os.path.join(self.local_dir, MODEL_FILE)
-        return torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
+        return read_checkpoint_file(path) if os.path.exists(path) else None
 
     def report(self, metrics: dict, checkpoint: Callable[[], dict] | None = None) -> None:
         if not self.in_ray:
@@ -128,6 +130,11 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
     """
     history = list(history or [])
     step = start_step
+    if start_step:
+        # A re-submission may lengthen the schedule, which moves the decay points: the
+        # restored optimizer still holds the old schedule's lr for this step.
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * lr_factor(step, cfg)
     use_amp = cfg.amp and device is not None and torch.device(device).type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     running: dict[str, float] = {}

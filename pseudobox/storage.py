@@ -209,7 +209,9 @@ def upload_dir(local_dir: str, uri: str) -> None:
 
 
 def torch_save(obj, uri: str) -> None:
-    """``torch.save`` to any URI, atomically."""
+    """``torch.save`` to any URI, atomically. ``torch_load`` reads back only plain data
+    (see there); checkpoints go through ``models.checkpoint.save_checkpoint``, which
+    checks that."""
     import torch
 
     buf = io.BytesIO()
@@ -218,9 +220,13 @@ def torch_save(obj, uri: str) -> None:
 
 
 def torch_load(uri: str, map_location="cpu"):
+    """``torch.load`` from any URI with ``weights_only=True``: tensors, numbers, strings,
+    lists, tuples and dicts load; a file carrying anything else (e.g. a pickled callable)
+    raises ``pickle.UnpicklingError`` before any of it runs. Files may come from shared
+    buckets, so there is no unsafe variant."""
     import torch
 
-    return torch.load(io.BytesIO(read_bytes(uri)), map_location=map_location, weights_only=False)
+    return torch.load(io.BytesIO(read_bytes(uri)), map_location=map_location, weights_only=True)
 
 
 def check_readable(uri: str, what: str) -> None:

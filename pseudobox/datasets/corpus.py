@@ -2,8 +2,10 @@
 
 A sample is ``KEY.jpg`` (or ``.png``) plus ``KEY.json`` holding
 ``{"labels": [class indices], "tags": [...]?, "boxes": [[x1,y1,x2,y2], ...]?, "box_labels": [...]?,
-"iscrowd": [0|1 per box]?, "difficult": [0|1 per box]?}``.
-Boxes are xyxy absolute pixels. The manifest is written last, so a corpus whose
+"iscrowd": [0|1 per box]?, "difficult": [0|1 per box]?, "area": [float|null per box]?}``.
+Boxes are xyxy absolute pixels. ``area`` is COCO's annotation area (the segmentation's,
+which COCO's small/medium/large buckets use); corpora written without it, and ``null``
+entries, fall back to the box's w·h. The manifest is written last, so a corpus whose
 ``corpus.json`` exists is complete.
 
 This module has no Ray in it: writing, reading and decoding are plain functions that
@@ -291,11 +293,30 @@ def parse_meta(meta_bytes: bytes | None, classes: list[str], image_hw: tuple[int
             if not isinstance(values, list) or len(values) != len(arr):
                 raise ValueError(f"invalid_json: '{flag}' must be a list matching 'boxes'")
             out[flag] = np.asarray(values, dtype=bool)
+        out["area"] = _parse_area(meta.get("area"), arr)
+    return out
+
+
+def _parse_area(values, boxes: np.ndarray) -> np.ndarray:
+    """Per-box ``area`` (float32 ``[N]``): the stored value, or the (clipped) box's w·h
+    where it is absent or ``null``."""
+    fallback = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+    if values is None:
+        return fallback.astype(np.float32)
+    if not isinstance(values, list) or len(values) != len(boxes):
+        raise ValueError("invalid_json: 'area' must be a list matching 'boxes'")
+    out = fallback.astype(np.float32)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+            raise ValueError(f"invalid_json: 'area' entries must be finite numbers >= 0 or null, got {v!r}")
+        out[i] = v
     return out
 
 
 def decode_sample(raw: dict, classes: list[str]) -> dict:
-    """Raw sample → ``{key, shard, image, labels, tags, boxes?, box_labels?, iscrowd?, difficult?}``.
+    """Raw sample → ``{key, shard, image, labels, tags, boxes?, box_labels?, iscrowd?, difficult?, area?}``.
 
     Raises ``ValueError("<kind>: ...")`` for every kind of bad input so that callers can
     count it per shard and go on.

@@ -91,6 +91,12 @@ def decode_batch(batch: dict, classes: list[str], keep_errors: bool = True,
     1×1 placeholder image, so that consumers can count it per shard; with
     ``keep_errors=False`` it is dropped instead (training). ``keys`` keeps only the
     listed sample keys (k-shot splits).
+
+    These are training rows: crowd / difficult boxes are left out, and so is the
+    evaluation-only COCO ``area`` (``decode_sample`` has it; evaluation reads samples
+    with ``corpus.iter_corpus``). A per-box column here would fall out of step with
+    ``boxes`` in the stages that filter or replace boxes (``train_detector``,
+    ``pretrain``).
     """
     out: dict[str, list] = {k: [] for k in ("key", "shard", "image", "labels", "boxes", "box_labels", "error")}
     for i in range(len(batch["key"])):

@@ -2,6 +2,12 @@
 
 Images are ``[3, H, W]`` tensors (or HWC arrays where noted); boxes ``[N, 4]`` float32
 xyxy in absolute pixels, continuous convention (a pixel spans [j, j+1]).
+
+Only boxes are carried. Per-box flags (crowd, difficult) do not change under these
+transforms; COCO's per-box ``area`` would scale by ``sx * sy`` under ``resize``, but
+nothing here needs it: these transforms feed training, and evaluation
+(``pipelines/evaluate.py``) scores predictions in the original image coordinates
+(torchvision detectors map their boxes back), where the stored ``area`` applies as is.
 """
 from __future__ import annotations
 

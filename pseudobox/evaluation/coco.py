@@ -8,7 +8,11 @@ Formats
 -------
 ``gts``: list of ``{"key": str, "boxes": [N, 4] xyxy, "labels": [N] 0-based,
 "width": int, "height": int}`` with optional ``"iscrowd"`` / ``"difficult"``
-bool ``[N]``.
+bool ``[N]`` and optional ``"area"`` float ``[N]``: COCO's annotation area (of
+the segmentation), which decides the small / medium / large bucket of a box as
+in official COCO evaluation; missing (or NaN entries), the box's w·h stands in.
+Boxes and areas are in the image's original pixel coordinates (the detectors map
+their predictions back to them), so areas never need rescaling here.
 
 ``preds``: list of ``{"key": str, "boxes": [M, 4] xyxy, "scores": [M],
 "labels": [M]}``. A GT image without a prediction entry has no detections;
@@ -75,7 +79,8 @@ def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
 def prepare_gts(gts: Iterable[Mapping[str, Any]], num_classes: int) -> list[dict[str, Any]]:
     """Validate ground truths and convert their fields to CPU tensors.
 
-    Missing ``iscrowd`` / ``difficult`` flags default to all-False. Keys must be unique.
+    Missing ``iscrowd`` / ``difficult`` flags default to all-False, a missing ``area``
+    (or its NaN entries) to the box's w·h. Keys must be unique.
     """
     prepared: list[dict[str, Any]] = []
     seen_keys: set[str] = set()
@@ -97,6 +102,15 @@ def prepare_gts(gts: Iterable[Mapping[str, Any]], num_classes: int) -> list[dict
                 if raw is None
                 else _as_vector(raw, torch.bool, count, f"{what} {flag}")
             )
+        box_area = (boxes[:, 2] - boxes[:, 0]).double() * (boxes[:, 3] - boxes[:, 1]).double()
+        raw_area = gt.get("area")
+        if raw_area is None:
+            area = box_area
+        else:
+            area = _as_vector(raw_area, torch.float64, count, f"{what} area")
+            if bool((area < 0).any()) or bool(torch.isinf(area).any()):
+                raise ValueError(f"{what}: area must be finite and >= 0")
+            area = torch.where(torch.isnan(area), box_area, area)
         prepared.append(
             {
                 "key": key,
@@ -104,6 +118,7 @@ def prepare_gts(gts: Iterable[Mapping[str, Any]], num_classes: int) -> list[dict
                 "labels": labels,
                 "width": int(gt["width"]),
                 "height": int(gt["height"]),
+                "area": area,
                 **flags,
             }
         )
@@ -144,6 +159,32 @@ def prepare_preds(
     return {key: by_key.get(key, {"key": key, **empty}) for key in gt_keys}
 
 
+def gt_from_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The ground truth of one decoded corpus sample (``datasets.corpus.decode_sample``).
+
+    Carries the boxes, their labels, COCO ``area`` and the ignore flags: COCO
+    ignores crowd regions; VOC ignores difficult objects, and crowd ones too,
+    so ``difficult`` here is ``difficult | iscrowd``. Width and height are the
+    decoded image's, the coordinates of the boxes and of the predictions.
+    """
+    height, width = sample["image"].shape[:2]
+    boxes = as_tensor(sample.get("boxes", np.zeros((0, 4), np.float32)), torch.float32).reshape(-1, 4)
+    count = boxes.shape[0]
+    labels = as_tensor(sample.get("box_labels", np.zeros(0, np.int64)), torch.int64)
+
+    def flag(name: str) -> torch.Tensor:
+        value = sample.get(name)
+        return torch.zeros(count, dtype=torch.bool) if value is None else as_tensor(value, torch.bool)
+
+    crowd = flag("iscrowd")
+    area = sample.get("area")
+    return {
+        "key": str(sample["key"]), "boxes": boxes, "labels": labels, "width": int(width), "height": int(height),
+        "iscrowd": crowd, "difficult": flag("difficult") | crowd,
+        "area": None if area is None else as_tensor(area, torch.float64),
+    }
+
+
 # ---------------------------------------------------------------------------
 # COCO JSON conversion
 # ---------------------------------------------------------------------------
@@ -160,7 +201,8 @@ def to_coco_gt(gts: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> 
     """Build a COCO ground-truth dataset dict.
 
     Image ids are ``1 + position in gts`` and ``file_name`` is the key;
-    category ids are ``1 + class index``. ``difficult`` has no COCO
+    category ids are ``1 + class index``; ``area`` is the GT's ``area`` (box
+    w·h where it has none). ``difficult`` has no COCO
     counterpart and is not used here (mark such boxes ``iscrowd`` to have
     COCOeval ignore them).
     """
@@ -171,14 +213,15 @@ def to_coco_gt(gts: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> 
             {"id": image_id, "file_name": gt["key"], "width": gt["width"], "height": gt["height"]}
         )
         xywh = xyxy_to_xywh(gt["boxes"]).tolist()
-        for box, label, crowd in zip(xywh, gt["labels"].tolist(), gt["iscrowd"].tolist()):
+        rows = zip(xywh, gt["labels"].tolist(), gt["iscrowd"].tolist(), gt["area"].tolist())
+        for box, label, crowd, area in rows:
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": label + 1,
                     "bbox": box,
-                    "area": box[2] * box[3],
+                    "area": area,
                     "iscrowd": int(crowd),
                 }
             )
@@ -225,10 +268,7 @@ def _results_without_detections(gts: Sequence[Mapping[str, Any]]) -> dict[str, f
 
     0 where there is scorable GT, NaN for area ranges (or the whole set) without it.
     """
-    areas = []
-    for gt in gts:
-        wh = gt["boxes"][:, 2:] - gt["boxes"][:, :2]
-        areas.append((wh[:, 0] * wh[:, 1])[~gt["iscrowd"]])
+    areas = [gt["area"][~gt["iscrowd"]] for gt in gts]
     area = torch.cat(areas) if areas else torch.zeros(0)
 
     def zero_if_any(mask: torch.Tensor) -> float:

@@ -55,18 +55,37 @@ def connected_components(mask: torch.Tensor, check_every: int = 4) -> torch.Tens
     return labels.squeeze(1).to(torch.int64)
 
 
-def cam_to_boxes(cams: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, nms_iou: float = 0.8,
-                 min_component_ratio: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Raw CAMs ``[B, H, W]`` → B pairs ``(boxes [N, 4] xyxy, scores [N])`` in CAM pixels.
+def _rank_within_map(comp_map: torch.Tensor, area: torch.Tensor, mass: torch.Tensor,
+                     num_maps: int) -> torch.Tensor:
+    """Each component's 0-based rank among the components of its map: by descending
+    area, ties by descending CAM mass."""
+    order = torch.argsort(-mass, stable=True)
+    order = order[torch.argsort(-area[order], stable=True)]
+    order = order[torch.argsort(comp_map[order], stable=True)]  # by map, then area, then mass
+    counts = torch.bincount(comp_map, minlength=num_maps)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(comp_map)
+    rank[order] = torch.arange(len(order), device=comp_map.device) - starts[comp_map[order]]
+    return rank
 
-    Pixel (i, j) has centre (j + 0.5, i + 0.5). For each threshold τ, M = CAM·1{CAM > τ}
-    on the normalised CAM; each kept component gets the box centred on its M-weighted
-    mean with side sqrt(12·weighted variance), clipped to the map. A box's score is the
-    mean normalised CAM inside its component. Boxes from all thresholds are merged with
-    NMS at ``nms_iou`` and returned by descending score.
+
+def cam_to_boxes(cams: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, nms_iou: float = 0.8,
+                 min_component_ratio: float = 0.5, max_components: int = 4,
+                 min_side: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Raw CAMs ``[B, H, W]`` → B pairs ``(boxes [N, 4] xyxy, scores [N])`` in CAM cells.
+
+    Cell (i, j) has centre (j + 0.5, i + 0.5). For each threshold τ, M = CAM·1{CAM > τ}
+    on the min-max normalised CAM; 8-connected components smaller than
+    ``min_component_ratio`` of the map's largest are dropped, and of the rest at most
+    ``max_components`` are kept, largest first. Each gets the box centred on its
+    M-weighted mean with side sqrt(12·weighted variance), at least ``min_side`` cells,
+    clipped to the map. A box's score is the mean normalised CAM inside its component.
+    Boxes from all thresholds are merged with NMS at ``nms_iou``, best score first.
     """
     if cams.dim() != 3:
         raise ValueError(f"cams must be [B, H, W], got shape {tuple(cams.shape)}")
+    if max_components < 1 or min_side < 0:
+        raise ValueError(f"need max_components >= 1 and min_side >= 0, got {max_components}, {min_side}")
     b, h, w = cams.shape
     device = cams.device
     empty = [(torch.zeros((0, 4), device=device), torch.zeros((0,), device=device)) for _ in range(b)]
@@ -104,13 +123,16 @@ def cam_to_boxes(cams: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, nms_iou: flo
     yc = per_comp(m * y) / mass
     var_x = per_comp(m * (x - xc[comp_of_pixel]) ** 2) / mass
     var_y = per_comp(m * (y - yc[comp_of_pixel]) ** 2) / mass
-    half_w = torch.sqrt(12.0 * var_x) / 2
-    half_h = torch.sqrt(12.0 * var_y) / 2
+    half_w = torch.sqrt(12.0 * var_x).clamp_min(min_side) / 2
+    half_h = torch.sqrt(12.0 * var_y).clamp_min(min_side) / 2
     scores = per_comp(m) / area
 
     largest = torch.zeros(b * t, device=device, dtype=area.dtype).scatter_reduce(
         0, comp_map, area, reduce="amax", include_self=True)
     keep = area >= min_component_ratio * largest[comp_map]
+    # Among the components that pass the ratio filter, the largest few per map.
+    kept_rank = _rank_within_map(comp_map[keep], area[keep], mass[keep], b * t)
+    keep[keep.clone()] = kept_rank < max_components
 
     boxes = torch.stack([(xc - half_w).clamp(0, w), (yc - half_h).clamp(0, h),
                          (xc + half_w).clamp(0, w), (yc + half_h).clamp(0, h)], dim=1)
@@ -133,9 +155,58 @@ def scaled_size(h: int, w: int, short: int, stride: int = 32) -> tuple[int, int]
 
 
 def resize_short_side(image: torch.Tensor, size: int, stride: int = 32) -> torch.Tensor:
-    """Resize ``[3, H, W]`` to ``scaled_size`` (short side ``size``, sides on the stride)."""
+    """Resize ``[3, H, W]`` to ``scaled_size`` (short side ``size``, sides on the stride),
+    antialiased so that downscaling does not alias fine texture into the CAM."""
     return F.interpolate(image[None], size=scaled_size(*image.shape[-2:], size, stride),
-                         mode="bilinear", align_corners=False)[0]
+                         mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+# Where the receptive field of the last feature map's cell j is centred, in continuous
+# input pixels (pixel i spans [i, i + 1)): stride·j + RESNET_CELL_CENTRE. Every
+# downsampling layer of a torchvision ResNet (7×7/2 pad 3, 3×3/2 pad 1, 1×1/2 pad 0,
+# max-pool 3/2 pad 1) maps output j to input 2j, so cell j sits on input pixel 32j, not
+# at the cell's middle 32j + 16 (tests/unit/test_cam_geometry.py measures it by gradients).
+RESNET_CELL_CENTRE = 0.5
+
+
+def cell_centres(flip: bool, stride: int = 32, centre: float = RESNET_CELL_CENTRE) -> tuple[float, float]:
+    """``(y, x)`` input-pixel offsets of cell 0 of a (flip-averaged) CAM: cell j sits at
+    stride·j + offset. A mirrored image's cell j, flipped back, sits at stride·j + stride
+    − centre, so averaging it with the unflipped CAM centres x on the cell's middle."""
+    return centre, (stride / 2 if flip else centre)
+
+
+def resample_cam(cam: torch.Tensor, size: tuple[int, int], offsets: tuple[float, float],
+                 stride: int = 32) -> torch.Tensor:
+    """Resample ``cam [h, w]`` (cells of an input of ``stride·h × stride·w`` pixels) to
+    ``size`` cells of another resize of the same image, matching cells by where their
+    receptive fields sit in the image (``offsets`` from ``cell_centres``), bilinearly."""
+    if tuple(cam.shape) == tuple(size):
+        return cam
+    axes = []
+    for n_src, n_dst, off in zip(cam.shape, size, offsets):
+        k = torch.arange(n_dst, device=cam.device, dtype=torch.float32)
+        src = ((stride * k + off) * n_src / n_dst - off) / stride  # fractional source cell
+        axes.append(2 * src / max(n_src - 1, 1) - 1 if n_src > 1 else torch.zeros_like(src))
+    gy, gx = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1)[None]
+    return F.grid_sample(cam[None, None].float(), grid, mode="bilinear", padding_mode="border",
+                         align_corners=True)[0, 0]
+
+
+def cam_boxes_to_image(boxes: torch.Tensor, cam_size: tuple[int, int], image_size: tuple[int, int],
+                       flip: bool, stride: int = 32) -> torch.Tensor:
+    """Boxes in CAM cells (cell k centred at k + 0.5) → image pixels, clipped to the image.
+
+    ``cam_size`` is the CAM's ``(hc, wc)`` for an input of ``stride·hc × stride·wc`` pixels
+    resized from an image of ``image_size`` ``(h, w)``.
+    """
+    (hc, wc), (h, w) = cam_size, image_size
+    oy, ox = cell_centres(flip, stride)
+    offset = boxes.new_tensor([ox, oy, ox, oy]) - stride / 2
+    scale = boxes.new_tensor([w / (wc * stride), h / (hc * stride)] * 2)
+    image_boxes = (boxes * stride + offset) * scale
+    return torch.minimum(image_boxes.clamp_min(0), boxes.new_tensor([w, h, w, h]))
 
 
 def multiscale_cams(model, images: list[torch.Tensor], image_idx: torch.Tensor, labels: torch.Tensor,
@@ -143,7 +214,9 @@ def multiscale_cams(model, images: list[torch.Tensor], image_idx: torch.Tensor, 
     """CAMs for (image, label) pairs, averaged over scales and horizontal flip.
 
     ``images`` are normalised ``[3, H, W]`` tensors. At each scale, images that resize
-    to the same size run as one batch (with their flips), so nothing is padded. Returns
+    to the same size run as one batch (with their flips), so nothing is padded. Each
+    scale's flip-averaged CAM is min-max normalised on its own, resampled to the largest
+    scale's cells, and the scales are averaged (as the public DAP code does). Returns
     ``[P, Hc, Wc]`` CAMs padded with each map's own minimum (padding never survives
     normalisation) and, per pair, the valid CAM size ``(hc, wc)`` spanning its image.
     """
@@ -151,6 +224,7 @@ def multiscale_cams(model, images: list[torch.Tensor], image_idx: torch.Tensor, 
 
     top = max(scales)
     valid = [tuple(d // stride for d in scaled_size(*im.shape[1:], top, stride)) for im in images]
+    offsets = cell_centres(flip, stride)
     pairs_of_image: dict[int, list[int]] = {}
     for p, i in enumerate(image_idx.tolist()):
         pairs_of_image.setdefault(i, []).append(p)
@@ -161,8 +235,8 @@ def multiscale_cams(model, images: list[torch.Tensor], image_idx: torch.Tensor, 
             if i in pairs_of_image:
                 groups.setdefault(scaled_size(*im.shape[1:], size, stride), []).append(i)
         for hw, members in groups.items():
-            batch = torch.stack([F.interpolate(images[i][None], size=hw, mode="bilinear", align_corners=False)[0]
-                                 for i in members])
+            batch = torch.stack([F.interpolate(images[i][None], size=hw, mode="bilinear", align_corners=False,
+                                               antialias=True)[0] for i in members])
             if flip:
                 batch = torch.cat([batch, batch.flip(-1)])
             pair_ids = [p for i in members for p in pairs_of_image[i]]
@@ -170,22 +244,19 @@ def multiscale_cams(model, images: list[torch.Tensor], image_idx: torch.Tensor, 
             rows = torch.as_tensor([slot[int(image_idx[p])] for p in pair_ids], device=labels.device)
             pair_labels = labels[pair_ids]
             feats = resnet_features(model, batch)
-            cams = cams_from_features(model, feats, rows, pair_labels)
+            cams = cams_from_features(model, feats, rows, pair_labels).float()
             if flip:
-                cams = cams + cams_from_features(model, feats, rows + len(members), pair_labels).flip(-1)
+                cams = (cams + cams_from_features(model, feats, rows + len(members), pair_labels).float().flip(-1)) / 2
+            cams = normalize_cams(cams)  # per scale, after flip averaging
             for k, p in enumerate(pair_ids):
-                cam = cams[k]
-                if cam.shape != valid[int(image_idx[p])]:
-                    cam = F.interpolate(cam[None, None], size=valid[int(image_idx[p])], mode="bilinear",
-                                        align_corners=False)[0, 0]
+                cam = resample_cam(cams[k], valid[int(image_idx[p])], offsets, stride)
                 sums[p] = cam if sums[p] is None else sums[p] + cam
-    n_views = len(scales) * (2 if flip else 1)
     hc = max(v[0] for v in valid)
     wc = max(v[1] for v in valid)
     out = torch.empty((len(labels), hc, wc), device=labels.device)
     pair_sizes = []
     for p in range(len(labels)):
-        cam = sums[p] / n_views
+        cam = sums[p] / len(scales)
         out[p] = cam.min()
         out[p, : cam.shape[0], : cam.shape[1]] = cam
         pair_sizes.append(tuple(cam.shape))
@@ -203,7 +274,7 @@ class CamBoxMiner:
 
     def __init__(self, checkpoint_uri: str, scales=(288, 576), flip: bool = True,
                  thresholds=DEFAULT_THRESHOLDS, nms_iou: float = 0.8, min_component_ratio: float = 0.5,
-                 device: str = "auto", threads: int | None = None):
+                 max_components: int = 4, min_side: float = 1.0, device: str = "auto", threads: int | None = None):
         from pseudobox.models.classifier import load_classifier
 
         if threads:
@@ -212,7 +283,8 @@ class CamBoxMiner:
                                    else ("cpu" if device == "auto" else device))
         self.model, self.meta = load_classifier(checkpoint_uri, device=self.device)
         self.scales, self.flip = tuple(scales), flip
-        self.thresholds, self.nms_iou, self.min_component_ratio = tuple(thresholds), nms_iou, min_component_ratio
+        self.box_args = dict(thresholds=tuple(thresholds), nms_iou=nms_iou, min_component_ratio=min_component_ratio,
+                             max_components=max_components, min_side=min_side)
 
     @torch.inference_mode()
     def mine(self, images: list[np.ndarray], labels: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -229,15 +301,11 @@ class CamBoxMiner:
         if len(pair_labels) == 0:
             return results
         cams, sizes = multiscale_cams(self.model, tensors, image_idx, pair_labels, self.scales, self.flip)
-        per_pair = cam_to_boxes(cams, self.thresholds, self.nms_iou, self.min_component_ratio)
+        per_pair = cam_to_boxes(cams, **self.box_args)
         collected: list[list] = [[] for _ in images]
         for p, (boxes, scores) in enumerate(per_pair):
             i = int(image_idx[p])
-            hc, wc = sizes[p]
-            h, w = images[i].shape[:2]
-            scale = boxes.new_tensor([w / wc, h / hc, w / wc, h / hc])
-            # Clip to the image: the padded CAM extends past it, and moment boxes may too.
-            boxes = torch.minimum(boxes * scale, boxes.new_tensor([w, h, w, h]))
+            boxes = cam_boxes_to_image(boxes, sizes[p], images[i].shape[:2], self.flip)
             collected[i].append((boxes, torch.full_like(scores, int(pair_labels[p]), dtype=torch.int64), scores))
         for i, parts in enumerate(collected):
             if parts:

@@ -6,13 +6,18 @@ are, but for any ResNet depth and with our initialisation paths:
 * ``init_backbone_from_classifier``: DAP pre-training and the CLS baseline start the
   backbone from the step-1 classifier; FPN and heads start random.
 * ``transfer_detector_weights``: fine-tuning starts from a pre-trained detector and
-  re-initialises only the layers whose shape depends on the class count.
+  re-initialises the class-dependent layers (always, unless asked to keep them for
+  the very same classes).
+
+Both report the weights the checkpoint did not provide and refuse a checkpoint that
+lacks any backbone weight.
 
 Detector label = class index + 1 (0 is background for Faster R-CNN; RetinaNet simply
 never predicts it). ``predict`` maps outputs back to class indices.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +31,10 @@ from pseudobox.config import require
 from pseudobox.models.checkpoint import CheckpointError
 from pseudobox.models.classifier import IMAGENET_MEAN, IMAGENET_STD, build_resnet
 
+log = logging.getLogger(__name__)
+
 DETECTORS = ("faster_rcnn", "retinanet")
-# Parameters whose shape depends on the number of classes, per detector.
+# Parameters whose meaning (and shape) depends on the classes, per detector: output k is class k.
 CLASS_DEPENDENT = {
     "faster_rcnn": ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred."),
     "retinanet": ("head.classification_head.cls_logits.",),
@@ -81,13 +88,18 @@ def build_detector(arch: DetectorArch, num_classes: int) -> nn.Module:
                      detections_per_img=arch.detections_per_image, **common)
 
 
+def _is_counter(key: str) -> bool:
+    """BatchNorm's ``num_batches_tracked``: a step counter, not a weight (FrozenBatchNorm has none)."""
+    return key.endswith("num_batches_tracked")
+
+
 def _shape_compatible_copy(model: nn.Module, source: dict, rename) -> tuple[int, list[str]]:
     """Copy ``source`` tensors into ``model`` under ``rename(key)``; returns (copied, mismatched)."""
     target = model.state_dict()
     copied, mismatched = 0, []
     with torch.no_grad():
         for key, value in source.items():
-            if key.endswith("num_batches_tracked"):
+            if _is_counter(key):
                 continue
             name = rename(key)
             if name is None or name not in target:
@@ -101,32 +113,95 @@ def _shape_compatible_copy(model: nn.Module, source: dict, rename) -> tuple[int,
     return copied, mismatched
 
 
-def init_backbone_from_classifier(model: nn.Module, classifier_ckpt: dict, arch: DetectorArch) -> int:
-    """Load a classifier checkpoint's ResNet into the detector's backbone body."""
+def _not_provided(model: nn.Module, source: dict, rename, scope: str = "") -> list[str]:
+    """The model's weights under ``scope`` that ``source`` (renamed) has no tensor for."""
+    provided = {rename(k) for k in source}
+    return sorted(k for k in model.state_dict()
+                  if k.startswith(scope) and not _is_counter(k) and k not in provided)
+
+
+def _refuse_missing_backbone(missing: list[str], what: str) -> None:
+    backbone = [k for k in missing if k.startswith("backbone.")]
+    if backbone:
+        raise CheckpointError(f"{what} lacks {len(backbone)} backbone weights, e.g. {backbone[:5]}; "
+                              "it is not a checkpoint of this architecture (or was truncated)")
+
+
+def init_backbone_from_classifier(model: nn.Module, classifier_ckpt: dict, arch: DetectorArch) -> dict:
+    """Load a classifier checkpoint's ResNet into the detector's backbone body.
+
+    Returns ``{"copied": n, "missing": [...]}``; every body weight must come from the
+    classifier (``CheckpointError`` naming the missing ones otherwise). The FPN and
+    heads start random, by design.
+    """
     src_depth = classifier_ckpt["arch"].get("depth")
     if src_depth != arch.depth:
         raise CheckpointError(f"classifier is ResNet-{src_depth} but the detector wants ResNet-{arch.depth}")
-    copied, mismatched = _shape_compatible_copy(
-        model, classifier_ckpt["model_state"],
-        lambda k: None if k.startswith("fc.") else f"backbone.body.{k}")
+    state = classifier_ckpt["model_state"]
+
+    def rename(k):
+        return None if k.startswith("fc.") else f"backbone.body.{k}"
+
+    copied, mismatched = _shape_compatible_copy(model, state, rename)
     if mismatched or copied == 0:
-        raise CheckpointError(f"classifier weights do not fit the backbone: {copied} copied, mismatched {mismatched[:3]}")
-    return copied
+        raise CheckpointError(f"classifier weights do not fit the backbone: {copied} copied, "
+                              f"mismatched {mismatched[:3]}")
+    missing = _not_provided(model, state, rename, scope="backbone.body.")
+    _refuse_missing_backbone(missing, "the classifier checkpoint")
+    log.info("backbone from classifier: %d tensors copied; FPN and heads start random", copied)
+    return {"copied": copied, "missing": missing}
 
 
-def transfer_detector_weights(model: nn.Module, detector_ckpt: dict, arch: DetectorArch) -> dict:
-    """Fine-tuning init: copy everything, re-initialise only class-count-dependent layers."""
+def check_keep_class_layers(source_classes: list[str], class_names: list[str]) -> None:
+    """Keeping the checkpoint's class layers is only meaningful for the very same classes,
+    in the same order (output k is class k)."""
+    if list(source_classes) != list(class_names):
+        diffs = [i for i in range(max(len(source_classes), len(class_names)))
+                 if i >= len(source_classes) or i >= len(class_names) or source_classes[i] != class_names[i]]
+        raise CheckpointError(f"keep_class_layers needs the checkpoint's classes, in order: it has "
+                              f"{len(source_classes)}, fine-tuning has {len(class_names)}, first difference "
+                              f"at index {diffs[0]}; turn keep_class_layers off to re-initialise them")
+
+
+def transfer_detector_weights(model: nn.Module, detector_ckpt: dict, arch: DetectorArch,
+                              class_names: list[str] | None = None, keep_class_layers: bool = False) -> dict:
+    """Fine-tuning init: copy everything but the class-dependent layers, which start fresh.
+
+    The class layers (``CLASS_DEPENDENT``) are re-initialised even when the class counts
+    match, since output k of a pre-trained detector means the pre-training corpus's
+    class k. ``keep_class_layers`` copies them too, only when ``class_names`` equal the
+    checkpoint's (``CheckpointError`` otherwise). Returns ``{"copied", "reinitialised",
+    "missing"}``, ``missing`` being the model weights the checkpoint did not provide; a
+    missing backbone weight is a ``CheckpointError``.
+    """
     src = detector_ckpt["arch"]
     for key, want in arch.identity().items():
         if src.get(key) != want:
             raise CheckpointError(f"checkpoint is a {src.get('detector')} ResNet-{src.get('depth')}, "
                                   f"but fine-tuning builds a {arch.detector} ResNet-{arch.depth}: set model.{key}={src.get(key)}")
+    if keep_class_layers:
+        if class_names is None:
+            raise CheckpointError("keep_class_layers needs the fine-tuning class names, "
+                                  "to compare them with the checkpoint's")
+        check_keep_class_layers(detector_ckpt["class_names"], class_names)
     class_dependent = CLASS_DEPENDENT[arch.detector]
-    copied, mismatched = _shape_compatible_copy(model, detector_ckpt["model_state"], lambda k: k)
-    unexpected = [m for m in mismatched if not m.startswith(class_dependent)]
-    if unexpected:
-        raise CheckpointError(f"checkpoint does not fit the detector: {unexpected[:3]}")
-    return {"copied": copied, "reinitialised": [m.split(":")[0] for m in mismatched]}
+    state = detector_ckpt["model_state"]
+    target = model.state_dict()
+    reinitialised = [] if keep_class_layers else sorted(k for k in target if k.startswith(class_dependent))
+
+    def rename(k):
+        return None if k in reinitialised else k
+
+    copied, mismatched = _shape_compatible_copy(model, state, rename)
+    if mismatched:
+        raise CheckpointError(f"checkpoint does not fit the detector: {mismatched[:3]}")
+    missing = [k for k in _not_provided(model, state, lambda k: k) if k not in reinitialised]
+    _refuse_missing_backbone(missing, "the detector checkpoint")
+    if missing:
+        log.warning("fine-tuning init: the checkpoint has no weights for %d tensors, left at their fresh "
+                    "init: %s", len(missing), missing[:10])
+    log.info("fine-tuning init: %d tensors copied, re-initialised %s", copied, reinitialised or "none")
+    return {"copied": copied, "reinitialised": reinitialised, "missing": missing}
 
 
 def detector_images(images: list, device) -> list[torch.Tensor]:

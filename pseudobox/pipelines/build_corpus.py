@@ -6,7 +6,8 @@ Builders:
     classes differ from the pre-training ones;
   * ``imagefolder``: a class-per-folder image tree (ImageNet layout); image bytes are
     copied as they are;
-  * ``coco``: a COCO-format JSON plus its image directory (keeps boxes).
+  * ``coco``: a COCO-format JSON plus its image directory (keeps boxes, crowd flags and
+    each annotation's ``area``).
 """
 from __future__ import annotations
 
@@ -137,9 +138,12 @@ def build_coco(cfg: BuildCorpusConfig) -> CorpusManifest:
             data = f.read()
         stem, ext = os.path.splitext(img["file_name"])
         crowd = [int(bool(a.get("iscrowd", 0))) for a in anns]  # kept as ignore regions for evaluation
+        # COCO's own area (of the segmentation, not the box) decides the APs/APm/APl bucket;
+        # null where the annotation has none (the reader then uses the box's w·h).
+        area = [None if a.get("area") is None else float(a["area"]) for a in anns]
         labels = sorted({c for c, is_crowd in zip(box_labels, crowd) if not is_crowd})
         writer.add(safe_key(f"{img['id']}_{stem}"), data,
-                   {"labels": labels, "boxes": boxes, "box_labels": box_labels, "iscrowd": crowd},
+                   {"labels": labels, "boxes": boxes, "box_labels": box_labels, "iscrowd": crowd, "area": area},
                    ext="png" if ext.lower() == ".png" else "jpg")
     if skipped:
         log.warning("build-corpus: %d images listed in %s were not found under %s", skipped, cfg.annotations, cfg.source)

@@ -12,7 +12,7 @@ import torch
 
 from pseudobox import storage
 from pseudobox.config import require
-from pseudobox.pipelines.common import log
+from pseudobox.pipelines.common import check_same_classes, log
 
 
 @dataclass
@@ -32,11 +32,14 @@ class EvaluateConfig:
 
     def check_paths(self) -> None:
         from pseudobox.datasets.corpus import load_manifest
-        from pseudobox.models.checkpoint import resolve_checkpoint
+        from pseudobox.models.checkpoint import load_checkpoint
 
-        resolve_checkpoint(self.checkpoint)
+        ckpt = load_checkpoint(self.checkpoint, expect_type="detector")
         storage.check_readable(self.corpus, "corpus")
-        load_manifest(self.corpus)
+        # Predicted labels are the detector's class indices, scored against the corpus's.
+        check_same_classes(ckpt["class_names"], load_manifest(self.corpus).classes,
+                           f"the detector {self.checkpoint}", f"the corpus {self.corpus}",
+                           "Evaluate on a corpus of the detector's classes (same names, same order).")
         if self.split:
             storage.check_readable(self.split, "split")
         if self.output:
@@ -46,7 +49,7 @@ class EvaluateConfig:
 def evaluate_detector(predict_fn: Callable[[list[torch.Tensor]], list[dict]], samples: Iterable[dict],
                       class_names: list[str], batch_size: int = 8, device="cpu") -> dict:
     """Run ``predict_fn`` over decoded samples with GT boxes; COCO + VOC metrics (percent)."""
-    from pseudobox.evaluation import evaluate_coco, evaluate_voc
+    from pseudobox.evaluation import evaluate_coco, evaluate_voc, gt_from_sample
     from pseudobox.models.detectors import detector_images
 
     gts, preds, chunk = [], [], []
@@ -58,14 +61,7 @@ def evaluate_detector(predict_fn: Callable[[list[torch.Tensor]], list[dict]], sa
         chunk.clear()
 
     for s in samples:
-        h, w = s["image"].shape[:2]
-        boxes = torch.as_tensor(s.get("boxes", torch.zeros(0, 4)))
-        crowd = torch.as_tensor(s.get("iscrowd", torch.zeros(len(boxes), dtype=torch.bool)))
-        difficult = torch.as_tensor(s.get("difficult", torch.zeros(len(boxes), dtype=torch.bool)))
-        # COCO ignores crowd regions; VOC ignores difficult objects, and crowd ones too.
-        gts.append({"key": s["key"], "boxes": boxes,
-                    "labels": torch.as_tensor(s.get("box_labels", torch.zeros(0, dtype=torch.int64))),
-                    "iscrowd": crowd, "difficult": difficult | crowd, "width": w, "height": h})
+        gts.append(gt_from_sample(s))  # COCO ignores crowd regions; VOC difficult and crowd ones
         chunk.append(s)
         if len(chunk) >= batch_size:
             flush()
@@ -105,9 +101,7 @@ def run(cfg: EvaluateConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     model, ckpt = load_detector(cfg.checkpoint, device, cfg.test_size)
-    manifest = load_manifest(cfg.corpus)
-    if manifest.classes != ckpt["class_names"]:
-        raise ValueError(f"the checkpoint's classes {ckpt['class_names']} differ from the corpus's {manifest.classes}")
+    manifest = load_manifest(cfg.corpus)  # its classes equal the checkpoint's (check_paths)
     errors: dict = {}
     keys = read_split_keys(cfg.split) if cfg.split else None
     metrics = evaluate_detector(lambda ims: predict(model, ims), iter_corpus(cfg.corpus, errors, keys),

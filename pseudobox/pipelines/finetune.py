@@ -1,7 +1,8 @@
 """Stage ``finetune`` (DAP step 4): a detector on labelled downstream data.
 
 Initialisation, by ``init``:
-  * ``detector``: from a pre-training checkpoint; only class-count layers are re-initialised;
+  * ``detector``: from a pre-training checkpoint; the class layers are always re-initialised,
+    unless ``keep_class_layers`` and the checkpoint has the same class names in order;
   * ``classifier``: the CLS baseline, backbone only;
   * ``random``.
 Training data is a detection corpus, optionally restricted to a split file (k-shot).
@@ -17,9 +18,14 @@ from pseudobox.engine import OptimConfig
 from pseudobox.models.checkpoint import load_checkpoint
 from pseudobox.models.detectors import DetectorArch
 from pseudobox.pipelines import evaluate, train_detector, trainer
-from pseudobox.pipelines.common import RayConfig, check_same_run, init_ray, log
+from pseudobox.pipelines.common import (
+    TRAINING_APPLIABLE, RayConfig, check_same_classes, check_same_run, init_ray, log, run_fingerprint,
+)
 
 INITS = ("detector", "classifier", "random")
+# A re-submission may also change what happens after training: the evaluation set and
+# whether the training set is cached.
+APPLIABLE = TRAINING_APPLIABLE + ("eval_corpus", "cache_dataset")
 
 
 @dataclass
@@ -33,6 +39,7 @@ class FinetuneConfig:
     model: DetectorArch = field(default_factory=lambda: DetectorArch(min_size=(480, 512, 544, 576, 608, 640),
                                                                      max_size=1000, test_size=640))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.01, max_iters=5000, batch_size=2))
+    keep_class_layers: bool = False  # init=detector: keep the checkpoint's class layers (identical classes only)
     cache_dataset: bool = True  # small labelled sets: decode once, keep in the object store
     workers: trainer.WorkersConfig = field(default_factory=trainer.WorkersConfig)
     seed: int = 0
@@ -42,6 +49,7 @@ class FinetuneConfig:
         require(bool(self.corpus) and bool(self.output), "corpus and output are required")
         require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
         require(self.init == "random" or bool(self.checkpoint), f"init={self.init} needs checkpoint=URI")
+        require(not self.keep_class_layers or self.init == "detector", "keep_class_layers applies to init=detector only")
         for part in (self.model, self.optim, self.workers, self.ray):
             part.validate()
 
@@ -49,12 +57,16 @@ class FinetuneConfig:
         from pseudobox.datasets.corpus import load_manifest
 
         storage.check_readable(self.corpus, "corpus")
-        load_manifest(self.corpus)
+        manifest = load_manifest(self.corpus)
         if self.split:
             storage.check_readable(self.split, "split")
         if self.eval_corpus:
             storage.check_readable(self.eval_corpus, "eval_corpus")
-            load_manifest(self.eval_corpus)
+            # The detector learns the training corpus's classes; evaluation reads them by index.
+            check_same_classes(load_manifest(self.eval_corpus).classes, manifest.classes,
+                               f"eval_corpus {self.eval_corpus}", f"the training corpus {self.corpus}",
+                               "Evaluate on a corpus of the training classes (same names, same order), "
+                               "or leave eval_corpus empty.", labels=("eval_corpus", "corpus"))
         if self.init != "random":
             ckpt = load_checkpoint(self.checkpoint, expect_type=self.init)
             arch = ckpt["arch"]
@@ -63,6 +75,10 @@ class FinetuneConfig:
             if self.init == "detector":
                 require(arch.get("detector") == self.model.detector,
                         f"the checkpoint is a {arch.get('detector')}; set model.detector={arch.get('detector')}")
+                if self.keep_class_layers:
+                    from pseudobox.models.detectors import check_keep_class_layers
+
+                    check_keep_class_layers(ckpt["class_names"], manifest.classes)
         storage.check_writable(self.output, "output")
 
 
@@ -71,8 +87,7 @@ def run(cfg: FinetuneConfig) -> dict:
     from pseudobox.datasets.ray_io import decoded_corpus
 
     cfg.check_paths()
-    check_same_run(cfg.output, {"stage": "finetune", "corpus": cfg.corpus, "split": cfg.split, "init": cfg.init,
-                                "checkpoint": cfg.checkpoint, "model": to_dict(cfg.model)})
+    check_same_run(cfg.output, run_fingerprint("finetune", cfg), appliable=APPLIABLE)
     manifest = load_manifest(cfg.corpus)
     keys = evaluate.read_split_keys(cfg.split) if cfg.split else None
     init_ray(cfg.ray)
@@ -81,8 +96,11 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.cache_dataset:
         ds = ds.materialize()
         log.info("finetune: %d training images", ds.count())
+    init = {cfg.init: cfg.checkpoint} if cfg.init != "random" else {}
+    if cfg.init == "detector":
+        init["keep_class_layers"] = cfg.keep_class_layers
     loop_config = {"arch": to_dict(cfg.model), "optim": to_dict(cfg.optim), "class_names": manifest.classes,
-                   "init": {cfg.init: cfg.checkpoint} if cfg.init != "random" else {},
+                   "init": init,
                    "method": f"finetune-from-{cfg.init}", "stage": "finetune", "seed": cfg.seed,
                    "config": to_dict(cfg)}
     result = trainer.fit(train_detector.worker, loop_config, cfg.output, cfg.workers, {"train": ds})

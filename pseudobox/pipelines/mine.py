@@ -2,7 +2,8 @@
 
 read shards (CPU tasks) → decode (CPU tasks) → box source (autoscaling actor pool,
 one GPU per actor when the cluster has GPUs) → one parquet part per shard, written by
-the driver as each shard completes. Re-running skips shards whose part exists.
+the driver as each shard completes. Re-running skips shards whose part exists; its
+settings must equal the first run's (run.json), except those in ``APPLIABLE``.
 """
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from dataclasses import dataclass, field
 from pseudobox import storage
 from pseudobox.config import require, to_dict
 from pseudobox.mining import outputs
-from pseudobox.pipelines.common import RayConfig, check_same_run, init_ray, log, resolve_use_gpu
+from pseudobox.pipelines.common import (
+    RayConfig, check_same_classes, check_same_run, init_ray, log, resolve_use_gpu, run_fingerprint,
+)
 
 SOURCES = ("cam",)
+# Settings a re-submission may change (they only place and group the work, never change a
+# box); every other one must equal run.json's, since finished shards are kept.
+APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "cpus_per_actor", "export_coco", "ray")
 
 
 @dataclass
@@ -24,6 +30,8 @@ class CamConfig:
     thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
     nms_iou: float = 0.8
     min_component_ratio: float = 0.5
+    max_components: int = 4     # per threshold, largest first (the public DAP code's k)
+    min_side: float = 1.0       # box sides of at least one CAM cell
 
     def validate(self) -> None:
         require(len(self.scales) > 0 and all(s >= 32 for s in self.scales), "cam.scales must be short sides >= 32")
@@ -31,6 +39,8 @@ class CamConfig:
                 "cam.thresholds must lie strictly between 0 and 1")
         require(0 < self.nms_iou <= 1, "cam.nms_iou must be in (0, 1]")
         require(0 <= self.min_component_ratio <= 1, "cam.min_component_ratio must be in [0, 1]")
+        require(self.max_components >= 1, "cam.max_components must be >= 1")
+        require(self.min_side >= 0, "cam.min_side must be >= 0 (CAM cells)")
 
 
 @dataclass
@@ -63,10 +73,16 @@ class MineConfig:
         """Fail before any Ray work when an input is missing or the output unwritable."""
         from pseudobox.datasets.corpus import load_manifest
         from pseudobox.models.checkpoint import load_checkpoint
+        from pseudobox.models.classifier import require_trained_head
 
         storage.check_readable(self.corpus, "corpus")
-        load_manifest(self.corpus)
-        load_checkpoint(self.checkpoint, expect_type="classifier")
+        manifest = load_manifest(self.corpus)
+        ckpt = load_checkpoint(self.checkpoint, expect_type="classifier")
+        # Box labels are the classifier's class indices, written as the corpus's names.
+        check_same_classes(ckpt["class_names"], manifest.classes, f"the classifier {self.checkpoint}",
+                           f"the corpus {self.corpus} (corpus.json 'classes')",
+                           "Mine with a classifier trained on this corpus (train-classifier corpus=...).")
+        require_trained_head(ckpt, self.checkpoint)  # CAMs from a never-trained fc are noise
         storage.check_writable(self.output, "output")
 
 
@@ -79,8 +95,7 @@ def run(cfg: MineConfig) -> dict:
     cfg.check_paths()
     manifest = load_manifest(cfg.corpus)
     # Resuming is per shard, so all parts of one output must come from one setting.
-    check_same_run(cfg.output, {"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source,
-                                "cam": to_dict(cfg.cam)})
+    check_same_run(cfg.output, run_fingerprint("mine", cfg), appliable=APPLIABLE)
     done = outputs.done_shards(cfg.output)
     pending = [s.name for s in manifest.shards if s.name not in done]
     log.info("mine: %d shards, %d already complete, %d to do", len(manifest.shards), len(done), len(pending))
@@ -96,6 +111,7 @@ def run(cfg: MineConfig) -> dict:
             fn_constructor_kwargs={"checkpoint_uri": cfg.checkpoint, "scales": cfg.cam.scales, "flip": cfg.cam.flip,
                                    "thresholds": cfg.cam.thresholds, "nms_iou": cfg.cam.nms_iou,
                                    "min_component_ratio": cfg.cam.min_component_ratio,
+                                   "max_components": cfg.cam.max_components, "min_side": cfg.cam.min_side,
                                    "device": "cuda" if use_gpu else "cpu",  # never a GPU it did not reserve
                                    "threads": None if use_gpu else max(1, int(cfg.cpus_per_actor))},
             batch_size=cfg.batch_size, batch_format="numpy",

@@ -19,7 +19,9 @@ from pseudobox.engine import OptimConfig
 from pseudobox.models.checkpoint import load_checkpoint
 from pseudobox.models.detectors import DetectorArch
 from pseudobox.pipelines import train_detector, trainer
-from pseudobox.pipelines.common import RayConfig, check_same_run, init_ray
+from pseudobox.pipelines.common import (
+    TRAINING_APPLIABLE, RayConfig, check_same_classes, check_same_run, init_ray, run_fingerprint,
+)
 
 METHODS = ("dap",)
 
@@ -51,8 +53,13 @@ class PretrainConfig:
         from pseudobox.datasets.corpus import load_manifest
 
         storage.check_readable(self.corpus, "corpus")
-        load_manifest(self.corpus)
+        manifest = load_manifest(self.corpus)
         storage.check_readable(storage.join(self.boxes, "parts"), "boxes (run `pseudobox mine` first)")
+        summary = storage.join(self.boxes, "mining.json")  # written when a mining run finishes
+        mined_classes = storage.read_json(summary).get("classes") if storage.exists(summary) else None
+        if mined_classes is not None:  # box labels index the mined corpus's classes
+            check_same_classes(mined_classes, manifest.classes, f"the boxes {self.boxes}", f"the corpus {self.corpus}",
+                               "Pre-train on the corpus the boxes were mined from.", labels=("boxes", "corpus"))
         ckpt = load_checkpoint(self.classifier, expect_type="classifier")
         require(ckpt["arch"]["depth"] == self.model.depth,
                 f"classifier is ResNet-{ckpt['arch']['depth']}; set model.depth={ckpt['arch']['depth']}")
@@ -88,8 +95,7 @@ def run(cfg: PretrainConfig) -> dict:
     from pseudobox.datasets.ray_io import decoded_corpus
 
     cfg.check_paths()
-    check_same_run(cfg.output, {"stage": "pretrain", "corpus": cfg.corpus, "boxes": cfg.boxes,
-                                "classifier": cfg.classifier, "method": cfg.method, "model": to_dict(cfg.model)})
+    check_same_run(cfg.output, run_fingerprint("pretrain", cfg), appliable=TRAINING_APPLIABLE)
     manifest = load_manifest(cfg.corpus)
     init_ray(cfg.ray)
     ds = decoded_corpus(cfg.corpus, keep_errors=False, shuffle=True).map_batches(

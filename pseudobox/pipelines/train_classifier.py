@@ -3,26 +3,34 @@
 Single-label cross-entropy, or multi-label BCE when the corpus is multi-label. Data
 streams from the shards through Ray Data (decode and crop in CPU tasks) into N Ray
 Train workers (DDP).
+
+With ``optim.max_iters: 0`` and ``model.weights`` set, nothing is trained: the weights
+(e.g. torchvision's ImageNet ResNet, as the DAP paper uses for ImageNet-1k) are written
+as ``<output>/model.pt`` unchanged, head included, with the corpus's class names, which
+must be the weights' classes in their order. No Ray, no forward pass, so BatchNorm
+statistics stay the weights' own.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from pseudobox import storage
-from pseudobox.config import from_dict, require, to_dict
+from pseudobox.config import ConfigError, from_dict, require, to_dict
 from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop, unwrap
-from pseudobox.models.checkpoint import load_checkpoint, make_checkpoint
+from pseudobox.models.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from pseudobox.pipelines import trainer
-from pseudobox.pipelines.common import RayConfig, check_same_run, init_ray
+from pseudobox.pipelines.common import TRAINING_APPLIABLE, RayConfig, check_same_run, init_ray, log, run_fingerprint
 
 
 @dataclass
 class ClassifierModelConfig:
     depth: int = 50
-    weights: str = ""          # torchvision weights name (IMAGENET1K_V1) or a state_dict URI
+    weights: str = ""          # torchvision weights name (IMAGENET1K_V1) or a state_dict URI;
+                               # with optim.max_iters: 0 they are converted, not trained
     init_checkpoint: str = ""  # a pseudobox classifier checkpoint to start from
 
     def validate(self) -> None:
@@ -40,20 +48,47 @@ class TrainClassifierConfig:
     workers: trainer.WorkersConfig = field(default_factory=trainer.WorkersConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+    def converts_weights(self) -> bool:
+        """``optim.max_iters: 0``: write ``model.weights`` as a checkpoint, train nothing."""
+        return self.optim.max_iters == 0
+
     def validate(self) -> None:
         require(bool(self.corpus), "corpus is required")
         require(bool(self.output), "output is required (a run directory, local or s3://)")
         require(self.image_size >= 32, "image_size must be >= 32")
-        for part in (self.model, self.optim, self.workers, self.ray):
+        optim = self.optim
+        if self.converts_weights():
+            require(bool(self.model.weights), "optim.max_iters=0 converts model.weights into a classifier "
+                    "checkpoint without training: set model.weights (e.g. IMAGENET1K_V1 or a state_dict URI), "
+                    "or set optim.max_iters >= 1 to train")
+            optim = dataclasses.replace(optim, max_iters=1)  # the other optim settings are unused
+        for part in (self.model, optim, self.workers, self.ray):
             part.validate()
 
     def check_paths(self) -> None:
         from pseudobox.datasets.corpus import load_manifest
+        from pseudobox.models.classifier import is_weights_name, torchvision_weights
 
         storage.check_readable(self.corpus, "corpus")
-        load_manifest(self.corpus)
+        manifest = load_manifest(self.corpus)
         if self.model.init_checkpoint:
             load_checkpoint(self.model.init_checkpoint, expect_type="classifier")
+        if self.model.weights and is_weights_name(self.model.weights):
+            try:
+                head = len(torchvision_weights(self.model.depth, self.model.weights).meta["categories"])
+            except CheckpointError as e:
+                raise ConfigError(f"model.weights: {e}") from e
+            if head != len(manifest.classes):
+                require(not self.converts_weights(),
+                        f"model.weights={self.model.weights} has a {head}-class head but the corpus has "
+                        f"{len(manifest.classes)} classes: converting (optim.max_iters=0) needs the weights' own "
+                        f"classes in their order (for ImageNet: build-corpus builder=imagefolder on ILSVRC2012 "
+                        f"train), or set optim.max_iters >= 1 to train a new head")
+                log.warning("train-classifier: model.weights=%s has a %d-class head but the corpus has %d "
+                            "classes; the final layer starts random and is trained from scratch",
+                            self.model.weights, head, len(manifest.classes))
+        elif self.model.weights:
+            storage.check_readable(self.model.weights, "model.weights")
         storage.check_writable(self.output, "output")
 
 
@@ -108,10 +143,37 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
         return make_checkpoint("classifier", {"depth": cfg["model"]["depth"]}, config["class_names"],
                                unwrap(model).state_dict(), optimizer_state=optimizer.state_dict(),
                                scheduler_state=scheduler.state_dict(), step=step, history=hist,
-                               multi_label=multi_label, config=cfg, method="cls", stage="train-classifier")
+                               multi_label=multi_label, config=cfg, method="cls", stage="train-classifier",
+                               head="trained")
 
     return train_loop(model, optimizer, scheduler, optim, batches, loss_fn, make_ckpt, checkpointer,
                       start_step=start_step, history=history, device=device)
+
+
+def convert_weights(cfg: TrainClassifierConfig) -> dict:
+    """Write ``model.weights`` as the classifier checkpoint, unchanged (no Ray, no forward pass).
+
+    Everything is checked before anything is written, run.json included, so that a
+    refused conversion leaves the output as it was."""
+    from pseudobox.datasets.corpus import load_manifest
+    from pseudobox.models.classifier import classifier_from_weights
+
+    trained = sorted(n for n in storage.listdir(cfg.output) if n.startswith("checkpoint_"))
+    if trained:
+        raise ConfigError(f"{cfg.output} holds a training run ({trained[-1]}); converting would replace its "
+                          "model.pt: use a new output for the converted weights")
+    manifest = load_manifest(cfg.corpus)
+    try:
+        ckpt = classifier_from_weights(cfg.model.depth, cfg.model.weights, manifest.classes,
+                                       multi_label=manifest.multi_label, config=to_dict(cfg))
+    except CheckpointError as e:
+        raise ConfigError(f"model.weights: {e}") from e
+    check_same_run(cfg.output, run_fingerprint("train-classifier", cfg), appliable=TRAINING_APPLIABLE)
+    uri = storage.join(cfg.output, MODEL_FILE)
+    save_checkpoint(ckpt, uri)
+    log.info("train-classifier: converted %s (ResNet-%d, %d classes, no training step) → %s",
+             cfg.model.weights, cfg.model.depth, len(manifest.classes), uri)
+    return ckpt
 
 
 def run(cfg: TrainClassifierConfig) -> dict:
@@ -120,8 +182,9 @@ def run(cfg: TrainClassifierConfig) -> dict:
     from pseudobox.datasets.transforms import classification_batch
 
     cfg.check_paths()
-    check_same_run(cfg.output, {"stage": "train-classifier", "corpus": cfg.corpus, "model": to_dict(cfg.model),
-                                "image_size": cfg.image_size})
+    if cfg.converts_weights():
+        return convert_weights(cfg)
+    check_same_run(cfg.output, run_fingerprint("train-classifier", cfg), appliable=TRAINING_APPLIABLE)
     manifest = load_manifest(cfg.corpus)
     init_ray(cfg.ray)
     ds = decoded_corpus(cfg.corpus, keep_errors=False, shuffle=True).map_batches(

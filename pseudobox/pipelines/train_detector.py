@@ -57,14 +57,21 @@ def detection_targets(batch: dict, device, rng: np.random.Generator, flip_prob: 
     return images, targets
 
 
-def initialise(model, arch: DetectorArch, init: dict) -> dict:
-    """Apply the stage's initialisation; returns a short description for the logs."""
+def initialise(model, arch: DetectorArch, init: dict, class_names: list[str] | None = None) -> dict:
+    """Apply the stage's initialisation; returns a short description for the logs and the
+    checkpoint (what was copied, re-initialised, and not provided by the checkpoint).
+
+    ``init``: ``{"detector": uri, "keep_class_layers": bool}``, ``{"classifier": uri}`` or
+    ``{}`` (random).
+    """
     if init.get("detector"):
-        info = transfer_detector_weights(model, load_checkpoint(init["detector"], expect_type="detector"), arch)
+        info = transfer_detector_weights(model, load_checkpoint(init["detector"], expect_type="detector"), arch,
+                                         class_names=class_names,
+                                         keep_class_layers=bool(init.get("keep_class_layers", False)))
         return {"from": "detector", **info}
     if init.get("classifier"):
-        n = init_backbone_from_classifier(model, load_checkpoint(init["classifier"], expect_type="classifier"), arch)
-        return {"from": "classifier", "copied": n}
+        info = init_backbone_from_classifier(model, load_checkpoint(init["classifier"], expect_type="classifier"), arch)
+        return {"from": "classifier", **info}
     return {"from": "random"}
 
 
@@ -77,7 +84,7 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     model = build_detector(arch, len(class_names))
     checkpointer = WorkerCheckpointer(local_dir)
     restored = checkpointer.restore()
-    init_info = initialise(model, arch, config["init"]) if restored is None else {"from": "restored"}
+    init_info = initialise(model, arch, config["init"], class_names) if restored is None else {"from": "restored"}
     model.to(device)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)

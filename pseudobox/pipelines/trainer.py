@@ -15,7 +15,7 @@ import torch
 
 from pseudobox import storage
 from pseudobox.config import require
-from pseudobox.models.checkpoint import MODEL_FILE, save_checkpoint
+from pseudobox.models.checkpoint import MODEL_FILE, read_checkpoint_file, save_checkpoint
 from pseudobox.pipelines.common import log, resolve_use_gpu
 
 
@@ -66,7 +66,7 @@ def export_final(result, output: str) -> dict:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint under {output}")
     with result.checkpoint.as_directory() as d:
-        ckpt = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint_file(os.path.join(d, MODEL_FILE))
     for key in ("optimizer_state", "scheduler_state"):
         ckpt.pop(key, None)
     save_checkpoint(ckpt, storage.join(output, MODEL_FILE))

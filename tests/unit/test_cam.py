@@ -36,8 +36,41 @@ def test_weighted_moments_and_score():
     xc, width = 17 / 6, math.sqrt(12 * 2 / 9)
     assert boxes[0, 0].item() == pytest.approx(xc - width / 2, abs=1e-5)
     assert boxes[0, 2].item() == pytest.approx(xc + width / 2, abs=1e-5)
-    assert boxes[0, 1].item() == pytest.approx(2.5) and boxes[0, 3].item() == pytest.approx(2.5)  # single row: h = 0
+    # A single row has zero variance: the box gets the minimum side, one cell, around yc = 2.5.
+    assert boxes[0, 1].item() == pytest.approx(2.0) and boxes[0, 3].item() == pytest.approx(3.0)
     assert scores[0].item() == pytest.approx(0.75)  # mean normalised CAM inside the component
+
+
+def test_one_cell_components_get_boxes_of_at_least_min_side():
+    cam = torch.zeros(1, 8, 8)
+    cam[0, 3, 4] = 1.0  # one cell: zero variance along both axes
+    cam[0, 6, 1:6] = 0.9  # one row, five cells wide
+    (boxes, scores), = cam_to_boxes(cam, thresholds=(0.5,), min_component_ratio=0.0)
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert len(boxes) == 2 and (widths >= 1 - 1e-6).all() and (heights >= 1 - 1e-6).all()
+    torch.testing.assert_close(boxes[0], torch.tensor([4.0, 3.0, 5.0, 4.0]))  # the peak cell, exactly
+    (wide, _), = cam_to_boxes(cam, thresholds=(0.5,), min_component_ratio=0.0, min_side=2.0)
+    assert ((wide[:, 3] - wide[:, 1]) >= 2 - 1e-6).all()
+    (degenerate, _), = cam_to_boxes(cam, thresholds=(0.5,), min_component_ratio=0.0, min_side=0.0)
+    assert ((degenerate[:, 3] - degenerate[:, 1]) == 0).all()  # the old behaviour, only on request
+
+
+def test_at_most_max_components_per_threshold_largest_first():
+    cam = torch.zeros(1, 24, 24)
+    sizes = [(2, 5), (5, 5), (3, 5), (4, 5), (1, 5), (5, 5)]  # (rows, cols): areas 10, 25, 15, 20, 5, 25
+    for k, (r, c) in enumerate(sizes):
+        top, left = (k // 3) * 12, (k % 3) * 8
+        cam[0, top:top + r, left:left + c] = 1.0 if k != 5 else 0.95
+    # No ratio filter and one threshold: the 4 largest components (25, 25, 20, 15) remain.
+    (boxes, _), = cam_to_boxes(cam, thresholds=(0.5,), min_component_ratio=0.0, max_components=4, nms_iou=1.0)
+    # A uniform block of r rows has height sqrt(r² − 1): 5 rows → 4.9, 4 → 3.9, 3 → 2.8.
+    heights = sorted(round(h, 1) for h in (boxes[:, 3] - boxes[:, 1]).tolist())
+    assert heights == [2.8, 3.9, 4.9, 4.9]
+    (two, _), = cam_to_boxes(cam, thresholds=(0.5,), min_component_ratio=0.0, max_components=2, nms_iou=1.0)
+    assert len(two) == 2 and ((two[:, 3] - two[:, 1]) > 4).all()  # the two 5-row blocks
+    # The ratio filter applies first: half of 25 drops the areas 10 and 5, leaving 4 anyway.
+    (filtered, _), = cam_to_boxes(cam, thresholds=(0.5,), max_components=10, nms_iou=1.0)
+    assert len(filtered) == 4
 
 
 def test_small_components_are_dropped_relative_to_the_largest():

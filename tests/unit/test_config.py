@@ -1,6 +1,8 @@
 """Unit tests for pseudobox.config: YAML + dotted overrides, type checks, validation."""
 from __future__ import annotations
 
+import math
+import pathlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -291,3 +293,64 @@ def test_str_field_override_is_taken_verbatim():
     # read it as 750), and "[1,2]" is just text.
     cfg = load_config(MineConfig, overrides=MINE_REQ + ["output=12:30"])
     assert cfg.output == "12:30"
+
+
+# ---------------------------------------------------------------- shipped configs
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+SHIPPED = sorted(CONFIG_DIR.glob("imagenet-dap/*.yaml")) + sorted(CONFIG_DIR.glob("demo/*.yaml"))
+
+
+def stage_class(path: pathlib.Path):
+    """The config class of the stage a shipped YAML is for, by its file name."""
+    from pseudobox.pipelines import build_corpus, evaluate, finetune, split, train_classifier
+
+    classes = {"build-corpus": build_corpus.BuildCorpusConfig, "train-classifier": TrainClassifierConfig,
+               "mine": MineConfig, "pretrain": PretrainConfig, "split": split.SplitConfig,
+               "finetune": finetune.FinetuneConfig, "evaluate": evaluate.EvaluateConfig}
+    assert train_classifier.TrainClassifierConfig is TrainClassifierConfig
+    stage = next((s for s in classes if path.stem == s or path.stem.startswith(s + "-")), None)
+    assert stage is not None, f"{path.name}: no stage of that name"
+    return classes[stage]
+
+
+def test_every_stage_has_shipped_configs():
+    assert {p.parent.name for p in SHIPPED} == {"imagenet-dap", "demo"}
+    assert len([p for p in SHIPPED if p.parent.name == "imagenet-dap"]) >= 6
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_config_loads_and_validates(path):
+    cfg = load_config(stage_class(path), str(path))  # every key known, every type right, validate() passes
+    assert to_dict(cfg)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_config_comments_match_what_amp_does(path):
+    # engine.train_loop autocasts to float16 with a GradScaler on CUDA; nothing uses bf16.
+    assert "bf16" not in path.read_text().lower() and "bfloat16" not in path.read_text().lower()
+
+
+def test_imagenet_pretrain_follows_the_public_dap_schedule():
+    """github.com/mikuhatsune/dap dap_in1k_faster_rcnn_r50fpn.yaml: BASE_LR 0.008 with
+    IMS_PER_BATCH 64, warmup 2000 iterations from 0.01, one epoch, sides 96..640, max 1333."""
+    cfg = load_config(PretrainConfig, str(CONFIG_DIR / "imagenet-dap" / "pretrain.yaml"))
+    batch = cfg.optim.batch_size * cfg.workers.num_workers
+    assert batch == 64 and cfg.optim.lr == 0.008
+    assert (cfg.optim.warmup_iters, cfg.optim.warmup_factor) == (2000, 0.01)
+    assert cfg.model.min_size == (96, 160, 320, 640) and cfg.model.max_size == 1333 and cfg.model.test_size == 640
+    assert cfg.optim.max_iters == math.ceil(1_281_167 / batch)  # MAX_EPOCH 1 on ImageNet-1M
+
+
+def test_imagenet_finetune_follows_the_public_voc0712_schedule():
+    """in1k_faster_rcnn_r50fpn_voc0712.yaml: lr 0.01, 16 images, 14 epochs with the decay at
+    the 10th, short side 640, max side 1066, maskrcnn-benchmark's warmup (500, 1/3)."""
+    from pseudobox.pipelines.finetune import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, str(CONFIG_DIR / "imagenet-dap" / "finetune-voc.yaml"))
+    batch = cfg.optim.batch_size * cfg.workers.num_workers
+    assert batch == 16 and cfg.optim.lr == 0.01
+    assert cfg.optim.max_iters == math.ceil(14 * 16_551 / batch)
+    assert cfg.optim.lr_steps == (pytest.approx(10 / 14, abs=1e-4),)
+    assert cfg.model.min_size == (640,) and cfg.model.max_size == 1066 and cfg.model.test_size == 640
+    assert cfg.optim.warmup_iters == 500 and cfg.optim.warmup_factor == pytest.approx(1 / 3, abs=1e-3)

@@ -267,6 +267,41 @@ def test_parse_meta_error_kinds():
     assert kind(b'{"labels": [0], "boxes": [[0, 0, 1, 1]], "box_labels": [9]}') == "unknown_class"
 
 
+def test_area_is_parsed_with_box_size_fallback():
+    meta = {"labels": [0], "boxes": [[0, 0, 10, 10], [2, 2, 40, 6], [1, 1, 3, 4]], "box_labels": [0, 1, 2]}
+    # No "area" (corpora written before it): the clipped box's w·h (x2 40 clips to 32).
+    out = parse_meta(json.dumps(meta).encode(), CLASSES, (24, 32))
+    assert out["area"].dtype == np.float32 and out["area"].tolist() == [100.0, 120.0, 6.0]
+    out = parse_meta(json.dumps({**meta, "area": [50.5, None, 0]}).encode(), CLASSES, (24, 32))
+    assert out["area"].tolist() == [50.5, 120.0, 0.0]
+
+
+@pytest.mark.parametrize("area", [5, [1.0], [1, 2, "3"], [1, 2, -3], [1, 2, True]])
+def test_malformed_area_is_invalid_json(area):
+    meta = {"labels": [0], "boxes": [[0, 0, 10, 10], [2, 2, 4, 6], [1, 1, 3, 4]], "box_labels": [0, 1, 2],
+            "area": area}
+    with pytest.raises(ValueError, match="^invalid_json: 'area'"):
+        parse_meta(json.dumps(meta).encode(), CLASSES, (24, 32))
+
+
+def test_area_round_trips_and_old_corpora_fall_back(tmp_path):
+    old = write_corpus(str(tmp_path / "old"), n=3)  # no "area" in the samples
+    for s in iter_corpus(str(tmp_path / "old")):
+        meta = old[s["key"]][1]
+        if "boxes" in meta:
+            ((x1, y1, x2, y2),) = meta["boxes"]
+            assert s["area"].tolist() == [(x2 - x1) * (y2 - y1)]
+        else:
+            assert "area" not in s
+    w = CorpusWriter(str(tmp_path / "new"), CLASSES, kind="detection")
+    w.add("a", encode_image(image(0), fmt="png"),
+          {"labels": [0], "boxes": [[1, 1, 30, 20], [2, 2, 4, 4]], "box_labels": [0, 1], "area": [123.25, None]},
+          ext="png")
+    w.close()
+    (s,) = iter_corpus(str(tmp_path / "new"))
+    assert s["area"].tolist() == [123.25, 4.0]
+
+
 def test_decode_sample_reports_raw_error():
     with pytest.raises(ValueError, match="^truncated_shard"):
         decode_sample({"key": "k", "shard": "s", "image": None, "meta": None, "error": "truncated_shard: x"}, CLASSES)

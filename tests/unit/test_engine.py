@@ -122,7 +122,7 @@ def test_train_loop_learns_logs_and_checkpoints(tmp_path):
     for row in hist:
         assert row["loss"] == pytest.approx(row["loss_mse"])
         assert {"lr", "s_per_iter"} <= set(row)
-    saved = torch.load(os.path.join(tmp_path, MODEL_FILE), weights_only=False)
+    saved = torch.load(os.path.join(tmp_path, MODEL_FILE), weights_only=True)
     assert saved["step"] == 22 and [r["step"] for r in saved["history"]] == steps
     assert torch.equal(saved["model_state"]["weight"], model.weight)
 
@@ -134,6 +134,36 @@ def test_train_loop_resume_continues(tmp_path):
     _, hist2, ckpt2, _ = run_linear(tmp_path, cfg2, start_step=8, history=hist)
     assert [r["step"] for r in hist2] == [4, 8, 12]
     assert [s for s, _ in ckpt2.reports] == [12]
+
+
+def test_resume_with_a_longer_schedule_uses_the_new_lr_from_the_first_step(tmp_path):
+    # 8 steps with a decay at 75% (step 6), then resumed to 16 steps: the decay moves to
+    # step 12, so step 8 must run at the full lr, not the restored 0.1×.
+    cfg = OptimConfig(lr=0.1, warmup_iters=0, max_iters=8, lr_steps=(0.75,), gamma=0.1, amp=False,
+                      checkpoint_every=8, log_every=8)
+    model = torch.nn.Linear(3, 1)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    for _ in range(8):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    longer = OptimConfig(**{**to_dict(cfg), "max_iters": 16, "lr_steps": (0.75,)})
+    opt2 = build_optimizer(model, longer)
+    sched2 = build_scheduler(opt2, longer)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(opt2.param_groups[0]["lr"])
+        x, y = batch
+        return {"loss_mse": torch.nn.functional.mse_loss(m(x), y)}
+
+    train_loop(model, opt2, sched2, longer, lambda: iter(linear_problem()), loss_fn,
+               lambda step, hist: {"step": step}, RecordingCheckpointer(str(tmp_path)), start_step=8)
+    assert seen[0] == pytest.approx(0.1)  # step 8 < 12: before the moved decay
+    assert seen[4] == pytest.approx(0.01)  # step 12: decayed
 
 
 def test_train_loop_nan_loss_raises(tmp_path):

@@ -10,6 +10,7 @@ from pseudobox.evaluation import (
     coco_image_ids,
     evaluate_coco,
     evaluate_voc,
+    gt_from_sample,
     to_coco_dets,
     to_coco_gt,
     voc_ap,
@@ -18,7 +19,7 @@ from pseudobox.evaluation import (
 CLASS_NAMES = ["cat", "dog"]
 
 
-def make_gt(key, boxes, labels, difficult=None, width=640, height=480):
+def make_gt(key, boxes, labels, difficult=None, width=640, height=480, area=None, iscrowd=None):
     gt = {
         "key": key,
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -28,6 +29,10 @@ def make_gt(key, boxes, labels, difficult=None, width=640, height=480):
     }
     if difficult is not None:
         gt["difficult"] = torch.tensor(difficult, dtype=torch.bool)
+    if area is not None:
+        gt["area"] = area
+    if iscrowd is not None:
+        gt["iscrowd"] = torch.tensor(iscrowd, dtype=torch.bool)
     return gt
 
 
@@ -146,6 +151,94 @@ def test_coco_accepts_numpy_and_lists(sized_gts):
         },
     ]
     assert evaluate_coco(sized_gts, preds, CLASS_NAMES)["AP"] == pytest.approx(100.0)
+
+
+# --- COCO area -----------------------------------------------------------------
+
+
+def coco_oracle(gts, preds):
+    """pycocotools' COCOeval on the dicts to_coco_gt / to_coco_dets build, in percent."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_dict = to_coco_gt(gts, CLASS_NAMES)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt_dict
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(to_coco_dets(preds, coco_image_ids(gt_dict))), iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [math.nan if v < 0 else v * 100 for v in ev.stats[:6]]
+
+
+def test_to_coco_gt_takes_the_given_area():
+    gts = [make_gt("img", [[0, 0, 100, 100], [0, 0, 10, 20], [5, 5, 6, 6]], [0, 1, 0],
+                   area=[500.0, float("nan"), 0.0])]
+    areas = [a["area"] for a in to_coco_gt(gts, CLASS_NAMES)["annotations"]]
+    assert areas == [500.0, 200.0, 0.0]  # NaN: the box's w·h stands in
+    for tensor_like in (torch.tensor([500.0, 1.0, 2.0]), np.array([500.0, 1.0, 2.0])):
+        gts[0]["area"] = tensor_like
+        assert [a["area"] for a in to_coco_gt(gts, CLASS_NAMES)["annotations"]] == [500.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("area", [[1.0, 2.0], [-1.0, 1.0, 1.0], [float("inf"), 1.0, 1.0]])
+def test_bad_area_raises(area):
+    gts = [make_gt("img", [[0, 0, 100, 100], [0, 0, 10, 20], [5, 5, 6, 6]], [0, 1, 0], area=area)]
+    with pytest.raises(ValueError, match="area"):
+        to_coco_gt(gts, CLASS_NAMES)
+
+
+def test_coco_size_buckets_follow_area_not_box_size():
+    # A 200x200 box whose area is small, found perfectly; a 20x20 box whose area is
+    # large, missed. By w·h it would be APs 0 / APl 100; COCO's way is the opposite.
+    gts = [make_gt("img", [[0, 0, 200, 200], [300, 300, 320, 320]], [0, 1], area=[500.0, 20000.0])]
+    preds = [make_pred("img", [[0, 0, 200, 200]], [0.9], [0])]
+    metrics = evaluate_coco(gts, preds, CLASS_NAMES)
+    assert metrics["APs"] == pytest.approx(100.0)
+    assert metrics["APl"] == pytest.approx(0.0)
+    assert math.isnan(metrics["APm"])
+    assert [metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == pytest.approx(
+        coco_oracle(gts, preds), nan_ok=True)
+
+
+def test_coco_without_detections_buckets_follow_area():
+    gts = [make_gt("img", [[0, 0, 200, 200]], [0], area=[500.0])]
+    metrics = evaluate_coco(gts, [], CLASS_NAMES)
+    assert metrics["APs"] == 0.0 and math.isnan(metrics["APm"]) and math.isnan(metrics["APl"])
+
+
+def test_coco_crowd_region_ignores_its_detections():
+    gts = [make_gt("img", [[0, 0, 20, 20], [100, 100, 200, 200]], [0, 0], iscrowd=[False, True])]
+    preds = [make_pred("img", [[110, 110, 190, 190], [0, 0, 20, 20]], [0.9, 0.5], [0, 0])]
+    assert evaluate_coco(gts, preds, CLASS_NAMES)["AP"] == pytest.approx(100.0)
+
+
+def test_voc_ignores_area(sized_gts):
+    preds = perfect_preds(sized_gts)[:1]
+    plain = evaluate_voc(sized_gts, preds, num_classes=2)
+    with_area = [{**gt, "area": torch.full((len(gt["labels"]),), 7.0)} for gt in sized_gts]
+    assert evaluate_voc(with_area, preds, num_classes=2) == plain
+
+
+def test_gt_from_sample():
+    sample = {"key": "k", "image": np.zeros((30, 40, 3), np.uint8),
+              "boxes": np.array([[0, 0, 10, 10], [5, 5, 20, 20]], np.float32), "box_labels": np.array([1, 0]),
+              "iscrowd": np.array([False, True]), "difficult": np.array([True, False]),
+              "area": np.array([50.0, 60.0], np.float32)}
+    gt = gt_from_sample(sample)
+    assert (gt["key"], gt["width"], gt["height"]) == ("k", 40, 30)
+    assert gt["labels"].tolist() == [1, 0] and gt["area"].tolist() == [50.0, 60.0]
+    assert gt["iscrowd"].tolist() == [False, True]
+    assert gt["difficult"].tolist() == [True, True]  # VOC ignores crowd regions too
+    assert to_coco_gt([gt], CLASS_NAMES)["annotations"][0]["area"] == 50.0
+    bare = gt_from_sample({"key": "c", "image": np.zeros((8, 9, 3), np.uint8), "labels": [0]})
+    assert bare["boxes"].shape == (0, 4) and bare["area"] is None
+    assert math.isnan(evaluate_coco([bare], [], CLASS_NAMES)["AP"])  # nothing to score
 
 
 # --- VOC ----------------------------------------------------------------------

@@ -42,6 +42,20 @@ def test_coco_builder_keeps_crowd_boxes_flagged(coco_corpus):
     assert sample["labels"] == [0]  # image-level labels come from non-crowd objects only
 
 
+def test_coco_builder_keeps_area_or_leaves_it_to_the_box(tmp_path, coco_corpus):
+    (sample,) = list(iter_corpus(coco_corpus))
+    assert sample["area"].tolist() == [64.0, 100.0]  # the fixture's annotations have no area: w·h
+    coco = json.loads((tmp_path / "ann.json").read_text())
+    coco["annotations"][0]["area"] = 30.5
+    coco["annotations"][1]["area"] = 2000
+    (tmp_path / "ann2.json").write_text(json.dumps(coco))
+    out = str(tmp_path / "corpus2")
+    build_coco(BuildCorpusConfig(builder="coco", output=out, source=str(tmp_path / "images"),
+                                 annotations=str(tmp_path / "ann2.json")))
+    (sample,) = list(iter_corpus(out))
+    assert sample["area"].tolist() == [30.5, 2000.0] and sample["iscrowd"].tolist() == [False, True]
+
+
 def test_training_targets_leave_out_crowd_boxes(coco_corpus):
     manifest = load_manifest(coco_corpus)
     rows = [r for u in shard_uris(coco_corpus, manifest) for r in iter_shard(u)]

@@ -43,14 +43,35 @@ def test_miner_outputs_boxes_in_image_pixels_with_image_labels(miner, tiny_corpu
     assert set(out["source"]) == {"cam"}
 
 
-def test_flip_cam_is_mirrored_back(miner):
-    # A left-right symmetric image must give a left-right symmetric averaged CAM.
-    img = torch.rand(3, 64, 32)
-    img = torch.cat([img, img.flip(-1)], dim=-1)
-    cams, sizes = multiscale_cams(miner.model, [img], torch.tensor([0]), torch.tensor([1]), scales=(64,), flip=True)
-    hc, wc = sizes[0]
-    cam = cams[0, :hc, :wc]
-    torch.testing.assert_close(cam, cam.flip(-1), atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("scales", [(64,), (64, 96)])
+def test_flip_averaged_cam_of_the_mirror_is_the_mirrored_cam(miner, scales):
+    # An asymmetric, non-square image: the flip-averaged CAM of its mirror image, flipped
+    # back, must equal its own. Swapping or forgetting the flip-back breaks this.
+    torch.manual_seed(0)
+    img = torch.rand(3, 80, 112)
+    img[:, 10:40, 5:50] += 2.0  # a bright block on the left only
+    mirror = img.flip(-1)
+    idx, lab = torch.tensor([0]), torch.tensor([1])
+    cam, (size,) = multiscale_cams(miner.model, [img], idx, lab, scales=scales, flip=True)
+    cam_m, (size_m,) = multiscale_cams(miner.model, [mirror], idx, lab, scales=scales, flip=True)
+    assert size == size_m
+    a, b = cam[0, :size[0], :size[1]], cam_m[0, :size[0], :size[1]].flip(-1)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # Without flip averaging the property does not hold: the test is not vacuous.
+    plain, _ = multiscale_cams(miner.model, [img], idx, lab, scales=scales, flip=False)
+    plain_m, _ = multiscale_cams(miner.model, [mirror], idx, lab, scales=scales, flip=False)
+    assert (plain[0] - plain_m[0].flip(-1)).abs().max() > 1e-2
+
+
+def test_each_scale_is_normalised_before_averaging(miner):
+    # One scale's CAM scaled by 1000 must not drown the other: after per-scale min-max
+    # normalisation, the average of two scales lies in [0, 1] whatever the raw ranges.
+    torch.manual_seed(1)
+    img = torch.rand(3, 64, 96)
+    cams, (size,) = multiscale_cams(miner.model, [img], torch.tensor([0]), torch.tensor([2]), scales=(64, 96))
+    valid = cams[0, :size[0], :size[1]]
+    assert valid.min() >= -1e-6 and valid.max() <= 1 + 1e-6
+    assert valid.max() > 0.5  # the two normalised maps share some of their peak
 
 
 def test_error_rows_pass_through_without_boxes(miner, tiny_corpus):
