@@ -4,7 +4,8 @@
 detection set (other classes); 3. train the classifier; 4. mine CAM boxes (CorLoc);
 5. DAP pre-train; 6. fine-tune CLS-init and DAP-init detectors on a k-shot split;
 7. print and write the results (``WORKDIR/report.html``, ``WORKDIR/results.json``).
-Every step is the same stage function the CLI runs, with small settings.
+Every step is the same stage function the CLI runs, with small settings. Steps 1-5 are
+``pretrain_chain``, which ``pseudobox bench dap`` (``pipelines/bench.py``) shares.
 """
 from __future__ import annotations
 
@@ -82,23 +83,34 @@ def _gallery_items(cfg: DemoConfig, corpus: str, boxes_uri: str, n: int = 12) ->
     return items
 
 
-def run(cfg: DemoConfig) -> dict:
-    t0 = time.time()
-    w = os.path.abspath(cfg.workdir)
-    p = {name: os.path.join(w, name) for name in
-         ("corpus", "downstream", "test", "classifier", "boxes", "dap", "split.json", "ft-cls", "ft-dap")}
-    storage.makedirs(w)
-    init_ray(cfg.ray)
-    timings = {}
+SHARED = ("corpus", "downstream", "test", "classifier", "boxes", "dap")
+# (name in results, FinetuneConfig.init, shared checkpoint, output directory)
+ARMS = (("CLS", "classifier", "classifier", "ft-cls"), ("DAP", "detector", "dap", "ft-dap"))
 
-    def step(name, fn):
+
+class Steps:
+    """Runs named steps, logging and timing each one."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.timings = prefix, {}
+
+    def __call__(self, name: str, fn):
         t = time.time()
-        log.info("demo: %s ...", name)
+        log.info("%s: %s ...", self.prefix, name)
         out = fn()
-        timings[name] = round(time.time() - t, 1)
-        log.info("demo: %s done in %.1fs", name, timings[name])
+        self.timings[name] = round(time.time() - t, 1)
+        log.info("%s: %s done in %.1fs", self.prefix, name, self.timings[name])
         return out
 
+
+def pretrain_chain(cfg: DemoConfig, step: Steps) -> dict:
+    """Steps 1-5, shared by the demo and the benchmarks: corpora, classifier, CAM boxes,
+    DAP pre-training under ``cfg.workdir``. Each stage resumes from what it finds there.
+    Returns ``{"paths", "mining", "cls_ckpt", "dap_ckpt"}``."""
+    w = os.path.abspath(cfg.workdir)
+    p = {name: os.path.join(w, name) for name in SHARED}
+    storage.makedirs(w)
+    init_ray(cfg.ray)
     size = cfg.image_size
 
     def build(out, style, classes, n, seed):
@@ -119,27 +131,54 @@ def run(cfg: DemoConfig) -> dict:
     mining = step("mine CAM boxes", lambda: mine.run(mine.MineConfig(
         corpus=p["corpus"], checkpoint=p["classifier"], output=p["boxes"],
         cam=mine.CamConfig(scales=cfg.cam_scales), batch_size=32, min_actors=1, max_actors=2, ray=cfg.ray)))
-    log.info("demo: CAM boxes: CorLoc %.1f%%, recall@0.5 %.1f%%", mining["corloc"] or 0, mining["recall50"] or 0)
+    log.info("%s: CAM boxes: CorLoc %.1f%%, recall@0.5 %.1f%%", step.prefix, mining["corloc"] or 0,
+             mining["recall50"] or 0)
     dap_ckpt = step("DAP pre-train", lambda: pretrain.run(pretrain.PretrainConfig(
         corpus=p["corpus"], boxes=p["boxes"], classifier=p["classifier"], output=p["dap"],
         model=_arch(cfg, (size * 2 // 3, size, size * 4 // 3)), optim=_optim(cfg, cfg.pretrain_iters, 0.01, cfg.detector_batch_size),
         workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
-    step("k-shot split", lambda: split.run(split.SplitConfig(corpus=p["downstream"], output=p["split.json"],
-                                                             k=cfg.kshot, seed=cfg.seed)))
-    results = {}
-    for init, ckpt, out in (("classifier", p["classifier"], p["ft-cls"]), ("detector", p["dap"], p["ft-dap"])):
-        name = "CLS" if init == "classifier" else "DAP"
-        results[name] = step(f"fine-tune {name}-init", lambda: finetune.run(finetune.FinetuneConfig(
-            corpus=p["downstream"], split=p["split.json"], init=init, checkpoint=ckpt, output=out,
-            eval_corpus=p["test"], model=_arch(cfg, (size * 3 // 4, size, size * 5 // 4)),
-            optim=_optim(cfg, cfg.finetune_iters, 0.01, cfg.detector_batch_size), workers=_workers(cfg), seed=cfg.seed, ray=cfg.ray)))
+    return {"paths": p, "mining": mining, "cls_ckpt": cls_ckpt, "dap_ckpt": dap_ckpt}
 
-    summary = {"mining": {k: mining[k] for k in ("corloc", "recall50", "boxes_per_image", "ok", "errors")},
-               "finetune": {k: v["metrics"] for k, v in results.items()}, "seconds": timings,
+
+def make_split(cfg: DemoConfig, p: dict, output: str, seed: int) -> dict:
+    """Step 6a: the seeded k-shot split of the downstream set."""
+    return split.run(split.SplitConfig(corpus=p["downstream"], output=output, k=cfg.kshot, seed=seed))
+
+
+def finetune_config(cfg: DemoConfig, p: dict, arm: tuple, split_uri: str, out_dir: str,
+                    seed: int) -> finetune.FinetuneConfig:
+    """Step 6b for one arm of ``ARMS``: fine-tune on the split into ``out_dir/<arm dir>``."""
+    _, init, ckpt, out = arm
+    size = cfg.image_size
+    return finetune.FinetuneConfig(
+        corpus=p["downstream"], split=split_uri, init=init, checkpoint=p[ckpt], output=os.path.join(out_dir, out),
+        eval_corpus=p["test"], model=_arch(cfg, (size * 3 // 4, size, size * 5 // 4)),
+        optim=_optim(cfg, cfg.finetune_iters, 0.01, cfg.detector_batch_size), workers=_workers(cfg), seed=seed,
+        ray=cfg.ray)
+
+
+def mining_summary(mining: dict) -> dict:
+    return {k: mining[k] for k in ("corloc", "recall50", "boxes_per_image", "ok", "errors")}
+
+
+def run(cfg: DemoConfig) -> dict:
+    t0 = time.time()
+    step = Steps("demo")
+    shared = pretrain_chain(cfg, step)
+    p, w = shared["paths"], os.path.abspath(cfg.workdir)
+    split_uri = os.path.join(w, "split.json")
+    step("k-shot split", lambda: make_split(cfg, p, split_uri, cfg.seed))
+    results = {}
+    for arm in ARMS:
+        ft = finetune_config(cfg, p, arm, split_uri, w, cfg.seed)
+        results[arm[0]] = step(f"fine-tune {arm[0]}-init", lambda: finetune.run(ft))
+
+    summary = {"mining": mining_summary(shared["mining"]),
+               "finetune": {k: v["metrics"] for k, v in results.items()}, "seconds": step.timings,
                "total_seconds": round(time.time() - t0, 1), "config": {"kshot": cfg.kshot, "depth": cfg.depth,
                                                                       "detector": cfg.detector}}
     storage.write_json(os.path.join(w, "results.json"), summary)
-    write_report(cfg, w, p, summary, cls_ckpt, dap_ckpt, results)
+    write_report(cfg, w, p, summary, shared["cls_ckpt"], shared["dap_ckpt"], results)
     print(format_table(summary))
     print(f"report: {os.path.join(w, 'report.html')}")
     return summary
