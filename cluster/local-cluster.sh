@@ -10,7 +10,15 @@
 # Then, from the repository root:
 #   export RAY_AUTH_MODE=token
 #   .venv/bin/ray job submit --address http://127.0.0.1:8299 --working-dir . -- \
-#       pseudobox mine --config configs/demo/mine.yaml
+#       pseudobox mine --config configs/demo/mine.yaml \
+#       corpus=$PWD/pseudobox-demo/corpus checkpoint=$PWD/pseudobox-demo/classifier \
+#       output=$PWD/pseudobox-demo/boxes-cluster
+#
+# (after `pseudobox demo` has made ./pseudobox-demo). Data paths in a job must be
+# absolute or s3://: the job runs inside an uploaded copy of the working directory, so
+# pseudobox refuses a relative data path there. Your shell expands $PWD before submitting;
+# on loopback every node sees the same files. `--config` stays relative: the configs are
+# uploaded with the working directory.
 #
 # Why it is built this way:
 #   * Token auth (RAY_AUTH_MODE=token): `ray start` then requires a token (kept in
@@ -220,7 +228,8 @@ do_start() {
 local cluster: 2 nodes, node address $NODE_IP ($(wc -l < "$PIDFILE") processes recorded in $PIDFILE)
   GCS address:        $NODE_IP:$GCS_PORT
   job submit address: http://127.0.0.1:$DASHBOARD_PORT
-  submit a job:       RAY_AUTH_MODE=token $RAY job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . -- pseudobox <stage> --config configs/demo/<stage>.yaml
+  submit a job:       RAY_AUTH_MODE=token $RAY job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . -- pseudobox <stage> --config configs/demo/<stage>.yaml corpus=\$PWD/... output=\$PWD/...
+                      (data paths absolute or s3://; see the header of $0)
   stop:               bash $0 stop
 EOF
 }

@@ -1,47 +1,199 @@
 """The ``pseudobox`` command: one subcommand per stage, each a YAML config plus dotted
 overrides, suitable for ``ray job submit -- pseudobox <stage> --config X.yaml key=value``.
+
+``pseudobox <stage> --print-config`` prints every key with its resolved value as YAML
+(a starting point for ``--config``); ``pseudobox <stage> --help`` lists the keys.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
+import os
 import shlex
 import sys
+from typing import Callable, NamedTuple
 
-from pseudobox.config import ConfigError, load_config
-
-
-def _stages():
-    from pseudobox.pipelines import build_corpus, evaluate, finetune, mine, pretrain, split, train_classifier
-
-    return {
-        "build-corpus": (build_corpus.BuildCorpusConfig, build_corpus.run, "write a corpus of tar shards"),
-        "train-classifier": (train_classifier.TrainClassifierConfig, train_classifier.run,
-                             "DAP step 1: classifier on Ray Train"),
-        "mine": (mine.MineConfig, mine.run, "DAP step 2: CAM pseudo-boxes on a Ray Data actor pool"),
-        "pretrain": (pretrain.PretrainConfig, pretrain.run, "DAP step 3: detector pre-training on Ray Train"),
-        "split": (split.SplitConfig, split.run, "seeded k-shot split of a detection corpus"),
-        "finetune": (finetune.FinetuneConfig, finetune.run, "DAP step 4: fine-tune a detector, then evaluate"),
-        "evaluate": (evaluate.EvaluateConfig, evaluate.run, "COCO and VOC metrics of a detector"),
-    }
+from pseudobox.config import ConfigError, dump_config, load_config
 
 
-def _benches():
-    from pseudobox.pipelines import bench
+class StageSpec(NamedTuple):
+    """Where a command's config class and runner live: ``pseudobox.pipelines.<module>``,
+    imported only when the command runs (or its ``--help`` is shown)."""
 
-    return {"dap": (bench.BenchDapConfig, bench.run,
-                    "the demo's DAP chain over N seeds: CLS-init vs DAP-init, mean ± std, paired 95%% CI")}
+    module: str
+    config: str
+    help: str
 
 
-def _chain_args(p: argparse.ArgumentParser, default_workdir: str) -> None:
+STAGES = {
+    "build-corpus": StageSpec("build_corpus", "BuildCorpusConfig", "write a corpus of tar shards"),
+    "train-classifier": StageSpec("train_classifier", "TrainClassifierConfig", "DAP step 1: classifier on Ray Train"),
+    "mine": StageSpec("mine", "MineConfig", "DAP step 2: CAM pseudo-boxes on a Ray Data actor pool"),
+    "pretrain": StageSpec("pretrain", "PretrainConfig", "DAP step 3: detector pre-training on Ray Train"),
+    "split": StageSpec("split", "SplitConfig", "seeded k-shot split of a detection corpus"),
+    "finetune": StageSpec("finetune", "FinetuneConfig", "DAP step 4: fine-tune a detector, then evaluate"),
+    "evaluate": StageSpec("evaluate", "EvaluateConfig", "COCO and VOC metrics of a detector"),
+    "predict": StageSpec("predict", "PredictConfig", "a detector's boxes for every image of a corpus"),
+    "report": StageSpec("report", "ReportConfig", "one HTML report of stage outputs"),
+}
+DEMO = StageSpec("demo", "DemoConfig", "the whole DAP chain on a synthetic corpus, in a few minutes")
+BENCHES = {
+    "dap": StageSpec("bench", "BenchDapConfig",
+                     "the demo's DAP chain over N seeds: CLS-init vs DAP-init, mean ± std, paired 95%% CI"),
+}
+
+
+def _spec(command: str) -> StageSpec:
+    """The spec of ``mine``, ``demo`` or ``bench dap``."""
+    if command == "demo":
+        return DEMO
+    if command.startswith("bench "):
+        return BENCHES[command.split(" ", 1)[1]]
+    return STAGES[command]
+
+
+def load_stage(command: str) -> tuple[type, Callable]:
+    """``(config class, run)`` of a command; ``ConfigError`` if its module is not installed."""
+    spec = _spec(command)
+    try:
+        module = importlib.import_module(f"pseudobox.pipelines.{spec.module}")
+        return getattr(module, spec.config), module.run
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"the {command} stage is not available in this installation ({e})") from e
+
+
+def _stages() -> dict[str, tuple[type, Callable, str]]:
+    """``{name: (config class, run, help)}`` of every stage whose module is installed."""
+    out = {}
+    for name, spec in STAGES.items():
+        try:
+            out[name] = (*load_stage(name), spec.help)
+        except ConfigError:
+            continue
+    return out
+
+
+def _benches() -> dict[str, tuple[type, Callable, str]]:
+    return {name: (*load_stage(f"bench {name}"), spec.help) for name, spec in BENCHES.items()}
+
+
+def keys_help(cls: type) -> str:
+    """The top-level keys of a config with their defaults, one a line, for ``--help``."""
+    lines = ["config keys (default; sections list their keys, --print-config shows all values):"]
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            lines.append(f"  {f.name}: required")
+            continue
+        if dataclasses.is_dataclass(value):
+            shown = "{" + ", ".join(g.name for g in dataclasses.fields(value)) + "}"
+        else:  # JSON is YAML, and shows '' as ""
+            shown = json.dumps(list(value) if isinstance(value, tuple) else value, default=str)
+        lines.append(f"  {f.name}: {shown}")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose ``--help`` ends with the command's config keys; the stage's
+    module is imported only when that help is shown."""
+
+    stage_command: str | None = None
+
+    def format_help(self) -> str:
+        if self.stage_command is not None and self.epilog is None:
+            try:
+                self.epilog = keys_help(load_stage(self.stage_command)[0])
+            except ConfigError as e:
+                self.epilog = str(e)
+        return super().format_help()
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config (local path or s3://), read relative to this directory")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key) as YAML and exit without running")
+    p.add_argument("--verbose", action="store_true", help="debug logging (also sets PSEUDOBOX_VERBOSE=1)")
+
+
+def _add(sub, name: str, command: str, help_text: str) -> _Parser:
+    p = sub.add_parser(name, help=help_text, description=help_text.replace("%%", "%"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.stage_command = command
+    _common_args(p)
+    return p
+
+
+def _chain_args(p: argparse.ArgumentParser) -> None:
     """The arguments of the whole-chain commands (demo, bench)."""
-    p.add_argument("--workdir", default=None, help=f"where everything is written (default {default_workdir})")
-    p.add_argument("--config", default=None, help="YAML overriding the settings")
+    p.add_argument("--workdir", default=None, help="where everything is written (default: the workdir key below)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. kshot=5 finetune_iters=40")
 
 
-def _chain_overrides(args) -> list[str]:
-    return ([] if args.workdir is None else [f"workdir={args.workdir}"]) + list(args.overrides)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pseudobox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name, spec in STAGES.items():
+        p = _add(sub, name, name, spec.help)
+        if name == "report":
+            p.add_argument("overrides", nargs="*", metavar="OUTPUT_OR_OVERRIDE",
+                           help="stage output directories (collected into inputs=[...]) and dotted overrides")
+        else:
+            if name == "predict":
+                p.add_argument("--checkpoint", default=None, help="the detector checkpoint (same as checkpoint=...)")
+                p.add_argument("--corpus", default=None, help="the corpus to predict on (same as corpus=...)")
+                p.add_argument("--output", default=None, help="where the predictions go (same as output=...)")
+            p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01")
+    _chain_args(_add(sub, "demo", "demo", DEMO.help))
+    bench = sub.add_parser("bench", help="a chain over several seeds: mean ± std and paired confidence intervals")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    for name, spec in BENCHES.items():
+        b = _add(kinds, name, f"bench {name}", spec.help)
+        b.add_argument("--seeds", type=int, default=None, help="number of seeds, >= 2 (default: the seeds key below)")
+        _chain_args(b)
+    return parser
+
+
+@dataclasses.dataclass
+class Command:
+    """What the command line asks for: ``stage`` is ``mine``, ``demo``, ``bench dap`` ..."""
+
+    stage: str
+    config: str | None
+    overrides: list[str]
+    print_config: bool = False
+    verbose: bool = False
+
+
+def command_of(args: argparse.Namespace) -> Command:
+    """Turn parsed arguments into a stage and its overrides; flags become ``key=value``."""
+    stage = f"bench {args.bench}" if args.stage == "bench" else args.stage
+    overrides = list(args.overrides)
+    flags: list[str] = []
+    if args.stage in ("demo", "bench") and args.workdir is not None:
+        flags.append(f"workdir={args.workdir}")
+    if args.stage == "bench" and args.seeds is not None:
+        flags.insert(0, f"seeds={args.seeds}")
+    if args.stage == "predict":
+        flags += [f"{key}={getattr(args, key)}" for key in ("checkpoint", "corpus", "output")
+                  if getattr(args, key) is not None]
+    if args.stage == "report":
+        inputs = [o for o in overrides if "=" not in o]
+        overrides = [o for o in overrides if "=" in o]
+        if inputs:
+            if any(o.split("=", 1)[0].strip() == "inputs" for o in overrides):
+                raise ConfigError("give the inputs as arguments or as inputs=[...], not both")
+            flags.append(f"inputs={json.dumps(inputs)}")  # a YAML flow list: paths may hold commas
+    return Command(stage, args.config, flags + overrides, args.print_config, args.verbose)
+
+
+def parse_command(argv: list[str]) -> Command:
+    """``argv`` (without the program name) as a ``Command``; no stage module is imported."""
+    return command_of(build_parser().parse_args(argv))
 
 
 def _summary(result) -> str:
@@ -58,41 +210,28 @@ def main(argv: list[str] | None = None) -> int:
     from pseudobox.models.checkpoint import CheckpointError
     from pseudobox.pipelines.common import setup_logging
 
-    stages = _stages()
-    parser = argparse.ArgumentParser(prog="pseudobox", description=__doc__)
-    sub = parser.add_subparsers(dest="stage", required=True)
-    for name, (_, _, help_text) in stages.items():
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", default=None, help="YAML config (local path or s3://)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.01")
-    demo = sub.add_parser("demo", help="the whole DAP chain on a synthetic corpus, in a few minutes")
-    _chain_args(demo, "./pseudobox-demo")
-    bench = sub.add_parser("bench", help="a chain over several seeds: mean ± std and paired confidence intervals")
-    kinds = bench.add_subparsers(dest="bench", required=True)
-    for name, (cfg_cls, _, help_text) in _benches().items():
-        b = kinds.add_parser(name, help=help_text)
-        b.add_argument("--seeds", type=int, default=None, help=f"number of seeds, >= 2 (default {cfg_cls.seeds})")
-        _chain_args(b, cfg_cls.workdir)
-    args = parser.parse_args(argv)
-    setup_logging()
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["PSEUDOBOX_VERBOSE"] = "1"
+    setup_logging(verbose=args.verbose)
+    what = f"{args.stage} {args.bench}" if args.stage == "bench" else args.stage
     try:
-        if args.stage == "demo":
-            from pseudobox.pipelines import demo as demo_stage
-
-            demo_stage.run(load_config(demo_stage.DemoConfig, args.config, _chain_overrides(args)))
+        command = command_of(args)
+        cls, run = load_stage(command.stage)
+        # Relative paths become absolute here, against the directory pseudobox was started in.
+        cfg = load_config(cls, command.config, command.overrides, validate=not command.print_config, resolve=True)
+        if command.print_config:
+            print(f"# pseudobox {what}: every key, resolved (use with --config)")
+            print(dump_config(cfg), end="")
             return 0
-        if args.stage == "bench":
-            cls, run, _ = _benches()[args.bench]
-            seeds = [] if args.seeds is None else [f"seeds={args.seeds}"]
-            cfg = load_config(cls, args.config, [*seeds, *_chain_overrides(args)])
+        if command.stage == "demo":
+            run(cfg)
+        elif args.stage == "bench":
             run(cfg, command=shlex.join(["pseudobox", *(sys.argv[1:] if argv is None else argv)]))
-            return 0
-        cls, run, _ = stages[args.stage]
-        cfg = load_config(cls, args.config, args.overrides)
-        print(_summary(run(cfg)))
+        else:
+            print(_summary(run(cfg)))
         return 0
     except (ConfigError, storage.StorageError, CorpusError, CheckpointError) as e:
-        what = f"{args.stage} {args.bench}" if args.stage == "bench" else args.stage
         print(f"pseudobox {what}: error: {e}", file=sys.stderr)
         return 2
 

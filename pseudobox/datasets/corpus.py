@@ -19,7 +19,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -97,6 +97,35 @@ def encode_image(image: np.ndarray, fmt: str = "jpg", quality: int = 90) -> byte
     return buf.getvalue()
 
 
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def write_shard(uri: str, samples: Iterable[tuple[str, bytes, str, dict | bytes]]) -> int:
+    """Write ``(key, image_bytes, image_ext, meta)`` samples as one webdataset tar at
+    ``uri``, atomically; returns the number of samples.
+
+    Members go image first, then JSON, per key, in the given order (``TarWriter.write``
+    sorts a sample's members by extension, which puts ``.json`` before ``.png``, so each
+    member is its own write). Member mtimes are 0: the same samples give the same bytes.
+    """
+    from webdataset import TarWriter
+
+    count = 0
+    with storage.atomic_local_path(uri) as tmp:
+        with open(tmp, "wb") as f:
+            with TarWriter(f, encoder=False, mtime=0, user="", group="", mode=0o644, format="PAX_FORMAT") as tar:
+                for key, data, ext, meta in samples:
+                    if not isinstance(meta, bytes):
+                        meta = json.dumps(meta).encode()
+                    tar.write({"__key__": key, ext: data})
+                    tar.write({"__key__": key, "json": meta})
+                    count += 1
+            f.flush()
+            os.fsync(f.fileno())
+    return count
+
+
 class CorpusWriter:
     """Writes samples into tar shards of ``samples_per_shard``; each shard lands atomically.
 
@@ -133,15 +162,8 @@ class CorpusWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        name = f"shard-{len(self.shards):06d}.tar"
-        with storage.atomic_local_path(storage.join(self.uri, name)) as tmp:
-            with tarfile.open(tmp, "w") as tar:
-                for key, data, ext, meta in self._pending:
-                    for fname, payload in ((f"{key}.{ext}", data), (f"{key}.json", json.dumps(meta).encode())):
-                        info = tarfile.TarInfo(fname)
-                        info.size = len(payload)
-                        info.mtime = 0
-                        tar.addfile(info, io.BytesIO(payload))
+        name = shard_name(len(self.shards))
+        write_shard(storage.join(self.uri, name), self._pending)
         self.shards.append(ShardInfo(name=name, num_samples=len(self._pending)))
         self._pending = []
 
@@ -321,16 +343,22 @@ def decode_sample(raw: dict, classes: list[str]) -> dict:
     Raises ``ValueError("<kind>: ...")`` for every kind of bad input so that callers can
     count it per shard and go on.
     """
+    image = decode_raw_image(raw)
+    meta = parse_meta(raw.get("meta"), classes, image.shape[:2])
+    return {"key": raw["key"], "shard": raw["shard"], "image": image, **meta}
+
+
+def decode_raw_image(raw: dict) -> np.ndarray:
+    """A raw sample's image (HWC uint8 RGB); raises ``ValueError("<kind>: ...")`` for a read
+    error recorded on the row, a missing image member or undecodable bytes."""
     if raw.get("error"):
         raise ValueError(raw["error"])
     if raw.get("image") is None:
         raise ValueError("missing_image: no .jpg/.png member")
     try:
-        image = decode_image(raw["image"])
+        return decode_image(raw["image"])
     except Exception as e:
         raise ValueError(f"corrupt_image: {type(e).__name__}: {e}") from e
-    meta = parse_meta(raw.get("meta"), classes, image.shape[:2])
-    return {"key": raw["key"], "shard": raw["shard"], "image": image, **meta}
 
 
 def iter_corpus(corpus_uri: str, errors: dict | None = None, keys: set[str] | None = None) -> Iterator[dict]:

@@ -548,17 +548,15 @@ _PLACEMENT_ATTEMPTS = 30
 
 
 def _iou_with(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """IoU between one xyxy box and an ``[N, 4]`` array of boxes."""
+    """IoU between one xyxy box and an ``[N, 4]`` array of boxes (``torchvision.ops.box_iou``
+    in float64, so the placement threshold sees the same values as plain numpy would)."""
+    import torch
+    from torchvision.ops import box_iou
+
     if len(others) == 0:
         return np.zeros(0)
-    ix1 = np.maximum(box[0], others[:, 0])
-    iy1 = np.maximum(box[1], others[:, 1])
-    ix2 = np.minimum(box[2], others[:, 2])
-    iy2 = np.minimum(box[3], others[:, 3])
-    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    return inter / (area + areas - inter)
+    one = torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(1, 4)
+    return box_iou(one, torch.as_tensor(np.asarray(others, dtype=np.float64)).reshape(-1, 4))[0].numpy()
 
 
 def _placement_is_free(box: np.ndarray, mask: np.ndarray, placed_boxes: np.ndarray, occupied: np.ndarray) -> bool:

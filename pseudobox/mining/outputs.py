@@ -5,7 +5,10 @@ Layout under the output URI::
     parts/<shard>.parquet    one part per input shard (committed last: its presence = shard done)
     reports/<shard>.json     per-shard report: samples, boxes, errors by kind, quality counts
     mining.json              run summary (written at the end)
-    pseudo_boxes.coco.json   optional COCO export
+    pseudo_boxes.coco.json   optional COCO export (``export_coco``)
+
+``predict`` writes the same layout (its ``source`` is ``predict``), and from it
+``predictions_coco.json`` (``export_coco``) and ``detections.json`` (``coco_results``).
 
 Parquet columns: key, shard, boxes (list of [x1,y1,x2,y2] image pixels), labels,
 scores, width, height, source, error.
@@ -18,6 +21,8 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from torchvision.ops import box_iou
 
 from pseudobox import storage
 from pseudobox.datasets.corpus import tally_error
@@ -49,15 +54,6 @@ def done_shards(out_uri: str) -> set[str]:
             if n.endswith(".parquet")}
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
-
-
 def box_quality(boxes, labels, scores, image_labels, gt_boxes, gt_labels, iou: float = 0.5) -> dict:
     """WSOL quality counts for one image, over its image-level classes that have GT boxes.
 
@@ -76,7 +72,7 @@ def box_quality(boxes, labels, scores, image_labels, gt_boxes, gt_labels, iou: f
         if not mine.any():
             continue
         cand, cand_scores = boxes[mine], scores[mine]
-        ious = _iou(cand, gt)
+        ious = box_iou(torch.as_tensor(cand, dtype=torch.float32), torch.as_tensor(gt, dtype=torch.float32)).numpy()
         out["corloc_hits"] += int(ious[int(np.argmax(cand_scores))].max() >= iou)
         out["gt_recalled"] += int((ious.max(axis=0) >= iou).sum())
     return out
@@ -265,3 +261,10 @@ def export_coco(out_uri: str, class_names: list[str], dest_uri: str) -> dict:
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]}
     storage.write_json(dest_uri, coco)
     return coco
+
+
+def coco_results(coco: dict) -> list[dict]:
+    """The COCO results list (``{image_id, category_id, bbox [x, y, w, h], score}`` per
+    detection) of an ``export_coco`` dict; its image ids are that dict's ``images``."""
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": a["score"]}
+            for a in coco["annotations"]]

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from pseudobox import storage
-from pseudobox.config import require, to_dict
+from pseudobox.config import path_field, require, to_dict
 from pseudobox.pipelines import demo, finetune
 from pseudobox.pipelines.common import log
 
@@ -99,7 +99,7 @@ def _f(x, sign: bool = False) -> str:
 
 @dataclass
 class BenchDapConfig(demo.DemoConfig):
-    workdir: str = "./pseudobox-bench"
+    workdir: str = path_field("./pseudobox-bench")
     seeds: int = 3  # k-shot split and fine-tuning seeds: seed, seed + 1, ..., seed + seeds - 1
 
     def validate(self) -> None:

@@ -1,14 +1,25 @@
-"""Pieces every stage launcher shares: Ray start-up, GPU detection, logging."""
+"""Pieces every stage launcher shares: Ray start-up, GPU detection, logging, progress
+lines, and the per-shard actor pool that ``mine`` and ``predict`` run on."""
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import sys
+import time
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 from pseudobox.config import ConfigError, require
 
 log = logging.getLogger("pseudobox")
+
+# ``1`` shows Ray's own console output (banners, dataset plans, info logs, warnings);
+# the CLI's ``--verbose`` sets it. Unset, Ray's console loggers show errors only.
+VERBOSE_ENV = "PSEUDOBOX_VERBOSE"
+_verbose = False
 
 
 @dataclass
@@ -25,26 +36,54 @@ class RayConfig:
         require(self.object_store_mb >= 75, "ray.object_store_mb must be >= 75")
 
 
+def is_verbose() -> bool:
+    """Whether Ray's own console output is wanted (``setup_logging(verbose=True)`` or
+    ``PSEUDOBOX_VERBOSE=1``)."""
+    return _verbose or os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
+
+
 def init_ray(cfg: RayConfig) -> None:
+    """Start or join Ray; unless verbose, Ray's console chatter is reduced to errors."""
     import ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
-    # Workers inherit the driver's environment (S3 endpoint, credentials) on a local
-    # instance; on a cluster they come from the job's runtime_env or the node image.
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
-        # without it that actor logs a warning every few seconds.
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1",
-                 object_store_memory=cfg.object_store_mb * 1024 * 1024, log_to_driver=True)
+    verbose = is_verbose()
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+        # Ray's driver-side logger: banners and warnings (token auth, deprecations) at INFO,
+        # errors only when quiet. Worker output still reaches the driver (log_to_driver):
+        # training progress lines are printed by rank 0.
+        quiet = dict(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=True)
+        # Workers inherit the driver's environment (S3 endpoint, credentials) on a local
+        # instance; on a cluster they come from the job's runtime_env or the node image.
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
+            # without it that actor logs a warning every few seconds.
+            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1",
+                     object_store_memory=cfg.object_store_mb * 1024 * 1024, **quiet)
+    if not verbose:
+        hide_ray_warnings()
+    configure_ray_data(verbose)
+
+
+def configure_ray_data(verbose: bool, progress_bars: bool | None = None) -> None:
+    """Ray Data's console output: progress bars only on a terminal (``progress_bars``
+    default: stderr is a TTY); dataset start/plan/finish lines and other info logs only
+    when ``verbose``. Ray Data keeps writing its full log to the session's
+    ``logs/ray-data`` directory either way."""
     import ray.data
 
+    bars = sys.stderr.isatty() if progress_bars is None else progress_bars
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = bars
+    ctx.enable_operator_progress_bars = bars
+    # Ray Data's logger has its own console handler (it does not propagate); only that
+    # handler is turned down, so its file handlers keep everything.
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def cluster_has_gpus() -> bool:
@@ -60,10 +99,128 @@ def resolve_use_gpu(setting: str) -> bool:
     return setting == "true"
 
 
-def setup_logging() -> None:
+def setup_logging(verbose: bool = False) -> None:
+    """Console logging for a stage: pseudobox's INFO lines always; Ray's own output
+    (banners, dataset plans, info logs, deprecation warnings) only when ``verbose``;
+    errors always. ``init_ray`` applies the Ray side (``is_verbose``)."""
+    global _verbose
+    _verbose = verbose
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("ray", "ray.data", "ray.train", "filelock", "botocore", "s3fs", "aiobotocore"):
+    for noisy in ("filelock", "botocore", "s3fs", "aiobotocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        hide_ray_warnings()
+
+
+def hide_ray_warnings() -> None:
+    """Ray's deprecation and future warnings stay off the console. Applied again after
+    ``import ray``, which puts its own filter for ``RayDeprecationWarning`` first."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")
+    try:
+        from ray.util.annotations import RayDeprecationWarning
+    except ImportError:
+        return
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+
+
+def format_eta(seconds: float | None) -> str:
+    """A short duration (``engine.format_duration``); ``--`` when unknown (None, NaN,
+    infinite or negative)."""
+    from pseudobox.engine import format_duration
+
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "--"
+    return format_duration(seconds)
+
+
+def format_progress(stage: str, shards_done: int, shards_total: int, images_done: int, images_total: int,
+                    seconds: float) -> str:
+    """``mine  shards 3/12  images 1536/6144  41.3 img/s  ETA 2m05s``."""
+    rate = images_done / seconds if seconds > 0 and images_done > 0 else None
+    eta = max(images_total - images_done, 0) / rate if rate else None
+    rate_text = f"{rate:.1f}" if rate else "--"
+    return (f"{stage}  shards {shards_done}/{shards_total}  images {images_done}/{images_total}  "
+            f"{rate_text} img/s  ETA {format_eta(eta)}")
+
+
+class ShardProgress:
+    """Progress of a per-shard stage on the driver: one line per completed shard, at most
+    one every ``min_interval`` seconds (the last shard always), then a summary line."""
+
+    def __init__(self, stage: str, expected: dict[str, int], min_interval: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] | None = None):
+        self.stage, self.expected, self.min_interval, self.clock = stage, dict(expected), min_interval, clock
+        self.emit = emit or (lambda line: log.info("%s", line))
+        self.started = clock()
+        self.last_line = -math.inf
+        self.images = 0
+        self.shards: set[str] = set()
+
+    def add_images(self, n: int) -> None:
+        self.images += n
+
+    def line(self) -> str:
+        return format_progress(self.stage, len(self.shards), len(self.expected), self.images,
+                               sum(self.expected.values()), self.clock() - self.started)
+
+    def shard_done(self, shard: str) -> None:
+        self.shards.add(shard)
+        now = self.clock()
+        if now - self.last_line >= self.min_interval or len(self.shards) >= len(self.expected):
+            self.last_line = now
+            self.emit(self.line())
+
+    def summary(self, errors: int = 0) -> str:
+        seconds = self.clock() - self.started
+        rate = f"{self.images / seconds:.1f}" if seconds > 0 and self.images else "--"
+        return (f"{self.stage}  done  shards {len(self.shards)}/{len(self.expected)}  images {self.images}  "
+                f"{rate} img/s  in {format_eta(seconds)}  errors {errors}")
+
+
+def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool, writer, stage: str,
+                   expected: dict[str, int], min_interval: float = 5.0) -> dict:
+    """Stream ``ds`` (decoded rows) through ``actor_cls`` on an autoscaling Ray Data actor
+    pool and hand each output batch to ``writer`` (``mining.outputs.ShardPartWriter``),
+    which writes a shard's part as soon as the shard is complete; logs progress.
+
+    ``pool`` is the stage config: ``batch_size``, ``min_actors``, ``max_actors``,
+    ``cpus_per_actor``. With ``use_gpu`` each actor reserves one GPU and runs on CUDA;
+    otherwise it runs on the CPU with ``cpus_per_actor`` threads, never on a GPU it did
+    not reserve. ``expected``: samples per shard of this run. Returns the writer's reports.
+    """
+    import ray.data
+
+    kwargs = {**constructor_kwargs, "device": "cuda" if use_gpu else "cpu",
+              "threads": None if use_gpu else max(1, int(pool.cpus_per_actor))}
+    out = ds.map_batches(
+        actor_cls, fn_constructor_kwargs=kwargs, batch_size=pool.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=pool.cpus_per_actor,
+    )
+    progress = ShardProgress(stage, expected, min_interval=min_interval)
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        progress.add_images(sum(1 for k in batch["key"] if not str(k).startswith("__")))  # not shard records
+        for shard in writer.add_batch(batch):
+            progress.shard_done(shard)
+    reports = writer.close()
+    for shard in reports:
+        if shard not in progress.shards:  # cut short: written at close
+            progress.shard_done(shard)
+    errors = sum(n for r in reports.values() for n in r.get("errors", {}).values())
+    log.info("%s", progress.summary(errors))
+    return reports
+
+
+def validate_actor_pool(cfg) -> None:
+    """The checks of the actor-pool settings ``mine`` and ``predict`` share."""
+    require(cfg.batch_size >= 1, "batch_size must be >= 1")
+    require(1 <= cfg.min_actors <= cfg.max_actors, "need 1 <= min_actors <= max_actors")
+    require(cfg.use_gpu in ("auto", "true", "false"), "use_gpu must be auto, true or false")
+    require(cfg.cpus_per_actor > 0, "cpus_per_actor must be > 0")
 
 
 # Settings a training re-submission applies instead of refusing: the schedule length,
@@ -115,7 +272,21 @@ def _lines(diffs: dict) -> list[str]:
     return [f"{k}: {_show(old)} -> {_show(new)}" for k, (old, new) in diffs.items()]
 
 
-def check_same_run(output: str, fingerprint: dict, appliable: tuple[str, ...] = ()) -> dict:
+def config_defaults(cfg) -> dict:
+    """The dotted default values of ``cfg``'s config class (``{}`` if it has required fields):
+    a setting added by a newer pseudobox is absent from an older run.json, and its
+    default must not count as a change."""
+    from pseudobox import storage
+    from pseudobox.config import to_dict
+
+    try:
+        return flatten(storage.json_safe(to_dict(type(cfg)())))
+    except TypeError:
+        return {}
+
+
+def check_same_run(output: str, fingerprint: dict, appliable: tuple[str, ...] = (),
+                   defaults: dict | None = None) -> dict:
     """Record the run's settings in ``<output>/run.json``, or check a re-submission against them.
 
     Stages resume whatever they find under their output (mining parts, training
@@ -123,7 +294,9 @@ def check_same_run(output: str, fingerprint: dict, appliable: tuple[str, ...] = 
     resolved config (nested dicts, compared as dotted keys). Keys under ``appliable``
     (dotted names or section prefixes) may change: the stage applies the new values and
     run.json records them. Any other difference is refused with every key as
-    ``old -> new``; nothing is silently ignored. Returns the applied ``{key: (old, new)}``.
+    ``old -> new``; nothing is silently ignored. A key the record lacks (a setting newer
+    than the run) passes when its value is its ``defaults`` entry (``config_defaults``).
+    Returns the applied ``{key: (old, new)}``.
     """
     from pseudobox import storage
 
@@ -140,6 +313,9 @@ def check_same_run(output: str, fingerprint: dict, appliable: tuple[str, ...] = 
         old = {**previous["settings"], **previous.get("applied", {})}
         old_settings = {k: v for k, v in old.items() if not _matches(k, appliable)}
         refused = _differences(old_settings, settings, set(old_settings) | set(settings))
+        added = {k for k, (was, now) in refused.items() if was is _UNSET and k in (defaults or {})
+                 and now == defaults[k]}
+        refused = {k: v for k, v in refused.items() if k not in added}
         old_applied = {k: v for k, v in old.items() if _matches(k, appliable)}
         history = previous.get("changes", [])
     else:
@@ -157,7 +333,7 @@ def check_same_run(output: str, fingerprint: dict, appliable: tuple[str, ...] = 
     for key, line in zip(changes, _lines(changes)):
         note = APPLY_NOTES.get(key)
         log.info("%s: applying %s%s", output, line, f" ({note})" if note else "")
-    if changes or "settings" not in previous:
+    if changes or "settings" not in previous or set(settings) != set(previous["settings"]):
         record = [{k: [None if v is _UNSET else v for v in pair] for k, pair in changes.items()}] if changes else []
         storage.write_json(uri, {"settings": settings, "applied": applied, "changes": history + record})
     return changes

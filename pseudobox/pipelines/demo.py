@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from pseudobox import storage
-from pseudobox.config import require
+from pseudobox.config import path_field, require
 from pseudobox.engine import OptimConfig
 from pseudobox.models.detectors import DetectorArch
 from pseudobox.pipelines import (
@@ -25,7 +25,7 @@ from pseudobox.pipelines.common import RayConfig, init_ray, log
 
 @dataclass
 class DemoConfig:
-    workdir: str = "./pseudobox-demo"
+    workdir: str = path_field("./pseudobox-demo")
     image_size: int = 96
     pretrain_images: int = 1200
     downstream_images: int = 300
@@ -63,24 +63,6 @@ def _arch(cfg: DemoConfig, min_sizes) -> DetectorArch:
 def _optim(cfg: DemoConfig, iters: int, lr: float, batch_size: int) -> OptimConfig:
     return OptimConfig(lr=lr, max_iters=iters, batch_size=batch_size, warmup_iters=min(50, max(1, iters // 3)),
                        grad_clip=10.0, checkpoint_every=max(iters // 2, 1), log_every=max(iters // 30, 1))
-
-
-def _gallery_items(cfg: DemoConfig, corpus: str, boxes_uri: str, n: int = 12) -> list[dict]:
-    from pseudobox.datasets.corpus import iter_corpus
-    from pseudobox.mining.outputs import load_mined_boxes
-
-    items, cache = [], {}
-    for s in iter_corpus(corpus):
-        if s["shard"] not in cache:  # one parquet read per shard, not per sample
-            cache[s["shard"]] = load_mined_boxes(boxes_uri, s["shard"])
-        mined = cache[s["shard"]].get(s["key"])
-        if mined is None:
-            continue
-        items.append({"key": s["key"], "image": s["image"], "boxes": mined[0], "labels": mined[1],
-                      "gt_boxes": s["boxes"], "gt_labels": s["box_labels"]})
-        if len(items) >= n:
-            break
-    return items
 
 
 SHARED = ("corpus", "downstream", "test", "classifier", "boxes", "dap")
@@ -178,7 +160,7 @@ def run(cfg: DemoConfig) -> dict:
                "total_seconds": round(time.time() - t0, 1), "config": {"kshot": cfg.kshot, "depth": cfg.depth,
                                                                       "detector": cfg.detector}}
     storage.write_json(os.path.join(w, "results.json"), summary)
-    write_report(cfg, w, p, summary, shared["cls_ckpt"], shared["dap_ckpt"], results)
+    write_report(cfg, w, p, summary)
     print(format_table(summary))
     print(f"report: {os.path.join(w, 'report.html')}")
     return summary
@@ -195,26 +177,20 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(cfg, workdir, p, summary, cls_ckpt, dap_ckpt, results) -> None:
-    from pseudobox.datasets.corpus import load_manifest
-
-    classes = load_manifest(p["corpus"]).classes
+def write_report(cfg, workdir, p, summary) -> None:
+    """``WORKDIR/report.html``: the results tables, then the ``report`` stage's sections for
+    the classifier, the mined boxes, DAP pre-training and both fine-tunes."""
     m = summary["mining"]
     rows = [[name, f"{r['AP']:.1f}", f"{r['AP50']:.1f}", f"{r['AP75']:.1f}", f"{r['VOC_AP50']:.1f}",
              f"{r['VOC_AP50_07']:.1f}"] for name, r in summary["finetune"].items()]
-    sections = [
+    preamble = [
         ("Pseudo-box quality (CAM)", report.table(
             [[f"{m['corloc']:.1f}", f"{m['recall50']:.1f}", f"{m['boxes_per_image']:.2f}", m["ok"], m["errors"]]],
             ["CorLoc %", "recall@0.5 %", "boxes/image", "images", "errors"])),
         (f"{cfg.kshot}-shot fine-tuning on the downstream classes", report.table(
             rows, ["init", "AP", "AP50", "AP75", "VOC AP50", "VOC AP50 (07)"])),
-        ("Training curves", report.svg_curves({"classifier": report.loss_series(cls_ckpt.get("history", []))},
-                                              "classifier loss")
-         + report.svg_curves({"DAP pre-training": report.loss_series(dap_ckpt.get("history", []))}, "detector pre-training loss")
-         + report.svg_curves({k: report.loss_series(v.get("history", [])) for k, v in results.items()},
-                             "fine-tuning loss (CLS-init vs DAP-init)")),
-        ("Mined pseudo-boxes", report.gallery(_gallery_items(cfg, p["corpus"], p["boxes"]), classes)),
         ("Stage timings (s)", report.table([[k, v] for k, v in summary["seconds"].items()], ["stage", "seconds"])),
     ]
-    storage.write_text(os.path.join(workdir, "report.html"), report.render("pseudobox demo", sections))
-
+    inputs = [p["classifier"], p["boxes"], p["dap"], *(os.path.join(workdir, arm[3]) for arm in ARMS)]
+    report.run(report.ReportConfig(inputs=inputs, output=os.path.join(workdir, "report.html"), title="pseudobox demo"),
+               preamble=preamble)

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass, field
 
 from pseudobox import storage
-from pseudobox.config import require, to_dict
+from pseudobox.config import path_field, require, to_dict
 from pseudobox.mining import outputs
 from pseudobox.pipelines.common import (
-    RayConfig, check_same_classes, check_same_run, init_ray, log, resolve_use_gpu, run_fingerprint,
+    RayConfig, check_same_classes, check_same_run, config_defaults, init_ray, log, resolve_use_gpu, run_fingerprint,
+    run_shard_pool, validate_actor_pool,
 )
 
 SOURCES = ("cam",)
@@ -45,9 +46,9 @@ class CamConfig:
 
 @dataclass
 class MineConfig:
-    corpus: str = ""
-    checkpoint: str = ""
-    output: str = ""
+    corpus: str = path_field()
+    checkpoint: str = path_field()
+    output: str = path_field()
     source: str = "cam"
     cam: CamConfig = field(default_factory=CamConfig)
     batch_size: int = 16
@@ -62,10 +63,7 @@ class MineConfig:
         for name in ("corpus", "checkpoint", "output"):
             require(bool(getattr(self, name)), f"{name} is required (e.g. {name}=s3://bucket/path)")
         require(self.source in SOURCES, f"source must be one of {SOURCES}, got {self.source!r}")
-        require(self.batch_size >= 1, "batch_size must be >= 1")
-        require(1 <= self.min_actors <= self.max_actors, "need 1 <= min_actors <= max_actors")
-        require(self.use_gpu in ("auto", "true", "false"), "use_gpu must be auto, true or false")
-        require(self.cpus_per_actor > 0, "cpus_per_actor must be > 0")
+        validate_actor_pool(self)
         self.cam.validate()
         self.ray.validate()
 
@@ -95,36 +93,23 @@ def run(cfg: MineConfig) -> dict:
     cfg.check_paths()
     manifest = load_manifest(cfg.corpus)
     # Resuming is per shard, so all parts of one output must come from one setting.
-    check_same_run(cfg.output, run_fingerprint("mine", cfg), appliable=APPLIABLE)
+    check_same_run(cfg.output, run_fingerprint("mine", cfg), appliable=APPLIABLE,
+                   defaults=config_defaults(cfg))
     done = outputs.done_shards(cfg.output)
     pending = [s.name for s in manifest.shards if s.name not in done]
     log.info("mine: %d shards, %d already complete, %d to do", len(manifest.shards), len(done), len(pending))
     started = time.time()
     if pending:
-        import ray.data
-
         init_ray(cfg.ray)
         use_gpu = resolve_use_gpu(cfg.use_gpu)
         ds = ray_io.decoded_corpus(cfg.corpus, keep_errors=True, shards=pending, batch_size=cfg.batch_size)
-        mined = ds.map_batches(
-            CamBoxMiner,
-            fn_constructor_kwargs={"checkpoint_uri": cfg.checkpoint, "scales": cfg.cam.scales, "flip": cfg.cam.flip,
-                                   "thresholds": cfg.cam.thresholds, "nms_iou": cfg.cam.nms_iou,
-                                   "min_component_ratio": cfg.cam.min_component_ratio,
-                                   "max_components": cfg.cam.max_components, "min_side": cfg.cam.min_side,
-                                   "device": "cuda" if use_gpu else "cpu",  # never a GPU it did not reserve
-                                   "threads": None if use_gpu else max(1, int(cfg.cpus_per_actor))},
-            batch_size=cfg.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_actor,
-        )
-        writer = outputs.ShardPartWriter(cfg.output, {s.name: s.num_samples for s in manifest.shards}, cfg.source)
-        n_rows = 0
-        for batch in mined.iter_batches(batch_size=None, batch_format="numpy"):
-            n_rows += len(batch["key"])
-            for shard in writer.add_batch(batch):
-                log.info("mine: shard %s complete (%d rows so far)", shard, n_rows)
-        writer.close()
+        cam = {"checkpoint_uri": cfg.checkpoint, "scales": cfg.cam.scales, "flip": cfg.cam.flip,
+               "thresholds": cfg.cam.thresholds, "nms_iou": cfg.cam.nms_iou,
+               "min_component_ratio": cfg.cam.min_component_ratio, "max_components": cfg.cam.max_components,
+               "min_side": cfg.cam.min_side}
+        expected = {s.name: s.num_samples for s in manifest.shards}
+        writer = outputs.ShardPartWriter(cfg.output, expected, cfg.source)
+        run_shard_pool(ds, CamBoxMiner, cam, cfg, use_gpu, writer, "mine", {s: expected[s] for s in pending})
     summary = outputs.summarize(outputs.load_reports(cfg.output))
     summary.update({"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source,
                     "classes": manifest.classes, "config": to_dict(cfg),

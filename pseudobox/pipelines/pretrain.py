@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pseudobox import storage
-from pseudobox.config import require, to_dict
+from pseudobox.config import path_field, require, to_dict
 from pseudobox.datasets.ray_io import object_array
 from pseudobox.engine import OptimConfig
 from pseudobox.models.checkpoint import load_checkpoint
 from pseudobox.models.detectors import DetectorArch
 from pseudobox.pipelines import train_detector, trainer
 from pseudobox.pipelines.common import (
-    TRAINING_APPLIABLE, RayConfig, check_same_classes, check_same_run, init_ray, run_fingerprint,
+    TRAINING_APPLIABLE, RayConfig, check_same_classes, check_same_run, config_defaults, init_ray, run_fingerprint,
 )
 
 METHODS = ("dap",)
@@ -28,10 +28,10 @@ METHODS = ("dap",)
 
 @dataclass
 class PretrainConfig:
-    corpus: str = ""
-    boxes: str = ""       # a `mine` output directory
-    classifier: str = ""  # the step-1 classifier checkpoint (backbone init)
-    output: str = ""
+    corpus: str = path_field()
+    boxes: str = path_field()       # a `mine` output directory
+    classifier: str = path_field()  # the step-1 classifier checkpoint (backbone init)
+    output: str = path_field()
     method: str = "dap"
     min_score: float = 0.0
     model: DetectorArch = field(default_factory=lambda: DetectorArch(min_size=(96, 160, 320, 640), max_size=1000,
@@ -95,14 +95,16 @@ def run(cfg: PretrainConfig) -> dict:
     from pseudobox.datasets.ray_io import decoded_corpus
 
     cfg.check_paths()
-    check_same_run(cfg.output, run_fingerprint("pretrain", cfg), appliable=TRAINING_APPLIABLE)
+    check_same_run(cfg.output, run_fingerprint("pretrain", cfg), appliable=TRAINING_APPLIABLE,
+                   defaults=config_defaults(cfg))
     manifest = load_manifest(cfg.corpus)
     init_ray(cfg.ray)
     ds = decoded_corpus(cfg.corpus, keep_errors=False, shuffle=True).map_batches(
         attach_mined_boxes, fn_kwargs={"boxes_uri": cfg.boxes, "min_score": cfg.min_score},
         batch_format="numpy", num_cpus=1)
-    loop_config = {"arch": to_dict(cfg.model), "optim": to_dict(cfg.optim), "class_names": manifest.classes,
+    optim = trainer.scaled_optim(cfg.optim, cfg.workers, "pretrain")
+    loop_config = {"arch": to_dict(cfg.model), "optim": to_dict(optim), "class_names": manifest.classes,
                    "init": {"classifier": cfg.classifier}, "method": cfg.method, "stage": "pretrain",
-                   "seed": cfg.seed, "config": to_dict(cfg)}
+                   "seed": cfg.seed, "config": to_dict(cfg), "tensorboard": trainer.tensorboard_uri(cfg.output)}
     result = trainer.fit(train_detector.worker, loop_config, cfg.output, cfg.workers, {"train": ds})
     return trainer.export_final(result, cfg.output)

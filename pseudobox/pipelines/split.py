@@ -9,14 +9,14 @@ import json
 from dataclasses import dataclass
 
 from pseudobox import storage
-from pseudobox.config import require
+from pseudobox.config import path_field, require
 from pseudobox.pipelines.common import log
 
 
 @dataclass
 class SplitConfig:
-    corpus: str = ""
-    output: str = ""
+    corpus: str = path_field()
+    output: str = path_field()
     k: int = 10
     seed: int = 0
 

@@ -19,19 +19,23 @@ import torch
 import torch.nn.functional as F
 
 from pseudobox import storage
-from pseudobox.config import ConfigError, from_dict, require, to_dict
+from pseudobox.config import ConfigError, from_dict, path_field, require, to_dict
 from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop, unwrap
 from pseudobox.models.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
+from pseudobox.models.classifier import is_weights_name
 from pseudobox.pipelines import trainer
-from pseudobox.pipelines.common import TRAINING_APPLIABLE, RayConfig, check_same_run, init_ray, log, run_fingerprint
+from pseudobox.pipelines.common import (
+    TRAINING_APPLIABLE, RayConfig, check_same_run, config_defaults, init_ray, log, run_fingerprint,
+)
 
 
 @dataclass
 class ClassifierModelConfig:
     depth: int = 50
-    weights: str = ""          # torchvision weights name (IMAGENET1K_V1) or a state_dict URI;
-                               # with optim.max_iters: 0 they are converted, not trained
-    init_checkpoint: str = ""  # a pseudobox classifier checkpoint to start from
+    # A torchvision weights name (IMAGENET1K_V1) or a state_dict URI; with optim.max_iters: 0
+    # they are converted, not trained.
+    weights: str = path_field(not_a_path=is_weights_name)
+    init_checkpoint: str = path_field()  # a pseudobox classifier checkpoint to start from
 
     def validate(self) -> None:
         require(self.depth in (18, 34, 50, 101, 152), "model.depth must be 18, 34, 50, 101 or 152")
@@ -40,8 +44,8 @@ class ClassifierModelConfig:
 
 @dataclass
 class TrainClassifierConfig:
-    corpus: str = ""
-    output: str = ""
+    corpus: str = path_field()
+    output: str = path_field()
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.1, weight_decay=1e-4, warmup_iters=50))
     image_size: int = 224
@@ -117,7 +121,7 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     """One training worker. Inside Ray Train by default; ``local_dir``/``batches`` run it
     without Ray (tests)."""
     cfg = config["config"]
-    optim = from_dict(OptimConfig, cfg["optim"])
+    optim = from_dict(OptimConfig, config.get("optim", cfg["optim"]))  # the launcher's lr-scaled settings
     device = trainer.worker_device(config.get("use_gpu", False), config.get("threads", 1))
     model = build_model(cfg, len(config["class_names"])).to(device)
     optimizer = build_optimizer(model, optim)
@@ -147,7 +151,8 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
                                head="trained")
 
     return train_loop(model, optimizer, scheduler, optim, batches, loss_fn, make_ckpt, checkpointer,
-                      start_step=start_step, history=history, device=device)
+                      start_step=start_step, history=history, device=device, stage="train-classifier",
+                      tensorboard=config.get("tensorboard", ""))
 
 
 def convert_weights(cfg: TrainClassifierConfig) -> dict:
@@ -168,7 +173,8 @@ def convert_weights(cfg: TrainClassifierConfig) -> dict:
                                        multi_label=manifest.multi_label, config=to_dict(cfg))
     except CheckpointError as e:
         raise ConfigError(f"model.weights: {e}") from e
-    check_same_run(cfg.output, run_fingerprint("train-classifier", cfg), appliable=TRAINING_APPLIABLE)
+    check_same_run(cfg.output, run_fingerprint("train-classifier", cfg), appliable=TRAINING_APPLIABLE,
+                   defaults=config_defaults(cfg))
     uri = storage.join(cfg.output, MODEL_FILE)
     save_checkpoint(ckpt, uri)
     log.info("train-classifier: converted %s (ResNet-%d, %d classes, no training step) → %s",
@@ -184,13 +190,16 @@ def run(cfg: TrainClassifierConfig) -> dict:
     cfg.check_paths()
     if cfg.converts_weights():
         return convert_weights(cfg)
-    check_same_run(cfg.output, run_fingerprint("train-classifier", cfg), appliable=TRAINING_APPLIABLE)
+    check_same_run(cfg.output, run_fingerprint("train-classifier", cfg), appliable=TRAINING_APPLIABLE,
+                   defaults=config_defaults(cfg))
     manifest = load_manifest(cfg.corpus)
     init_ray(cfg.ray)
     ds = decoded_corpus(cfg.corpus, keep_errors=False, shuffle=True).map_batches(
         classification_batch, fn_kwargs={"size": cfg.image_size, "num_classes": len(manifest.classes), "train": True},
         batch_format="numpy", num_cpus=1)
-    result = trainer.fit(worker, {"config": to_dict(cfg), "class_names": manifest.classes,
-                                  "multi_label": manifest.multi_label},
+    optim = trainer.scaled_optim(cfg.optim, cfg.workers, "train-classifier")
+    result = trainer.fit(worker, {"config": to_dict(cfg), "optim": to_dict(optim), "class_names": manifest.classes,
+                                  "multi_label": manifest.multi_label,
+                                  "tensorboard": trainer.tensorboard_uri(cfg.output)},
                          cfg.output, cfg.workers, {"train": ds})
     return trainer.export_final(result, cfg.output)

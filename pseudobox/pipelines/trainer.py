@@ -5,9 +5,16 @@ stage's output URI (local or s3://), with ``FailureConfig(max_failures)`` so tha
 worker restarts the group from the latest checkpoint; re-running with the same output
 resumes too. After training the driver exports ``<output>/model.pt`` (weights without
 optimizer state) for the next stage.
+
+The console gets one progress line per log step from rank 0 (``engine.train_loop``);
+Ray Train's own per-report ``TrainingReport(...)`` lines from every rank are muted in
+the workers unless ``PSEUDOBOX_VERBOSE=1`` is set where the stage starts.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -15,8 +22,9 @@ import torch
 
 from pseudobox import storage
 from pseudobox.config import require
+from pseudobox.engine import OptimConfig, lr_scaling_note, scaled_lr
 from pseudobox.models.checkpoint import MODEL_FILE, read_checkpoint_file, save_checkpoint
-from pseudobox.pipelines.common import log, resolve_use_gpu
+from pseudobox.pipelines.common import is_verbose, log, resolve_use_gpu
 
 
 @dataclass
@@ -43,15 +51,53 @@ def run_config(output: str, max_failures: int):
                      checkpoint_config=CheckpointConfig(num_to_keep=3))
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_uri(output: str) -> str:
+    """Where a training stage writes its TensorBoard event files: ``<output>/tensorboard``."""
+    return storage.join(output, TENSORBOARD_DIR)
+
+
+def scaled_optim(optim: OptimConfig, workers: WorkersConfig, stage: str) -> OptimConfig:
+    """The optimizer settings the workers use: ``optim.lr`` scaled linearly from
+    ``optim.reference_batch`` to this run's total batch (logged, both values)."""
+    total = optim.batch_size * workers.num_workers
+    log.info("%s: %s", stage, lr_scaling_note(optim.lr, optim.reference_batch, total))
+    return dataclasses.replace(optim, lr=scaled_lr(optim.lr, optim.reference_batch, total))
+
+
+def mute_report_logs() -> None:
+    """Mute Ray Train's ``Reporting training result N: TrainingReport(...) from rank R``.
+
+    Ray Train V2 logs it at INFO, for every report of every rank, through a logger named
+    after its module file (so ``RunConfig``'s ``LoggingConfig``, which filters ``ray.train.*``
+    names, does not reach it). Only INFO goes: warnings and errors still show."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing known to mute
+        return
+    logger = getattr(context, "logger", None)
+    if isinstance(logger, logging.Logger):
+        logger.setLevel(logging.WARNING)
+
+
+def _run_worker(worker_fn, config: dict):
+    if not config.get("verbose"):
+        mute_report_logs()
+    return worker_fn(config)
+
+
 def fit(worker_fn, loop_config: dict, output: str, workers: WorkersConfig, datasets: dict):
     """Run ``worker_fn(loop_config)`` on N Ray Train workers (DDP); returns the Result."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = resolve_use_gpu(workers.use_gpu)
-    loop_config = {**loop_config, "use_gpu": use_gpu, "threads": max(1, int(workers.cpus_per_worker))}
+    loop_config = {**loop_config, "use_gpu": use_gpu, "threads": max(1, int(workers.cpus_per_worker)),
+                   "verbose": is_verbose()}
     trainer = TorchTrainer(
-        worker_fn, train_loop_config=loop_config,
+        functools.partial(_run_worker, worker_fn), train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": workers.cpus_per_worker}),
         run_config=run_config(output, workers.max_failures),

@@ -1,6 +1,7 @@
 """The mining stage on local Ray, reading shards from the local S3 server."""
 import io
 import json
+import logging
 import tarfile
 
 import pytest
@@ -53,10 +54,36 @@ def _cfg(corpus, ckpt, out, **kw):
                            batch_size=4, min_actors=1, max_actors=2, **kw)
 
 
-def test_mining_streams_s3_shards_counts_bad_input_and_resumes(ray_local, s3_corpus, s3_bucket):
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_mining_streams_s3_shards_counts_bad_input_and_resumes(ray_local, s3_corpus, s3_bucket, capfd):
     corpus, ckpt, manifest = s3_corpus
     out = f"{s3_bucket}/mined"
-    summary = mine.run(_cfg(corpus, ckpt, out))
+    logger, kept = logging.getLogger("pseudobox"), _Lines()
+    level = logger.level
+    logger.addHandler(kept)
+    logger.setLevel(logging.INFO)
+    try:
+        summary = mine.run(_cfg(corpus, ckpt, out))
+    finally:
+        logger.removeHandler(kept)
+        logger.setLevel(level)
+
+    # Progress lines as shards complete and a summary; Ray Data's per-dataset chatter stays
+    # off the console (not verbose).
+    lines = kept.lines
+    progress = [line for line in lines if line.startswith("mine  shards ")]
+    assert progress and progress[-1].startswith("mine  shards 4/4  images ") and " img/s  ETA " in progress[-1]
+    assert any(line.startswith("mine  done  shards 4/4") for line in lines)
+    console = "".join(capfd.readouterr())
+    assert "Execution plan of Dataset" not in console and "Starting execution of Dataset" not in console
 
     parts = storage.listdir(out + "/parts")
     assert parts == ["shard-000000.parquet", "shard-000001.parquet", "shard-000002.parquet", "shard-bad.parquet"]

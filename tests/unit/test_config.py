@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
+from pseudobox import config
 from pseudobox.config import ConfigError, from_dict, load_config, parse_overrides, require, to_dict
 from pseudobox.engine import OptimConfig
 from pseudobox.models.detectors import DetectorArch
@@ -307,7 +308,8 @@ def stage_class(path: pathlib.Path):
 
     classes = {"build-corpus": build_corpus.BuildCorpusConfig, "train-classifier": TrainClassifierConfig,
                "mine": MineConfig, "pretrain": PretrainConfig, "split": split.SplitConfig,
-               "finetune": finetune.FinetuneConfig, "evaluate": evaluate.EvaluateConfig}
+               "finetune": finetune.FinetuneConfig, "evaluate": evaluate.EvaluateConfig,
+               "build": build_corpus.BuildCorpusConfig}  # build-imagenet.yaml, build-voc07-test.yaml ...
     assert train_classifier.TrainClassifierConfig is TrainClassifierConfig
     stage = next((s for s in classes if path.stem == s or path.stem.startswith(s + "-")), None)
     assert stage is not None, f"{path.name}: no stage of that name"
@@ -354,3 +356,133 @@ def test_imagenet_finetune_follows_the_public_voc0712_schedule():
     assert cfg.optim.lr_steps == (pytest.approx(10 / 14, abs=1e-4),)
     assert cfg.model.min_size == (640,) and cfg.model.max_size == 1066 and cfg.model.test_size == 640
     assert cfg.optim.warmup_iters == 500 and cfg.optim.warmup_factor == pytest.approx(1 / 3, abs=1e-3)
+
+
+# ---------------------------------------------------------------- natural YAML spellings
+
+@pytest.mark.parametrize("value, expected", [(True, "true"), (False, "false"), ("yes", "true"), ("auto", "auto")])
+def test_yaml_bool_into_a_str_field(tmp_path, value, expected):
+    # `use_gpu: true` is YAML for a bool; the field is a str whose values are auto/true/false.
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"use_gpu: {value if isinstance(value, str) else str(value).lower()}\n")
+    assert load_config(MineConfig, str(path), MINE_REQ).use_gpu == expected
+    path.write_text(f"workers: {{use_gpu: {str(value).lower()}}}\n")
+    assert load_config(PretrainConfig, str(path), PRETRAIN_REQ).workers.use_gpu == expected
+
+
+def test_natural_yaml_spellings(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("steps: 1e4\n"            # PyYAML reads this as the string '1e4'
+                    "tags:\n"                 # nothing: an empty list
+                    "path:\n"                 # nothing: unset
+                    "inner:\n"
+                    "  ratio: 0\n"            # an int into a float field
+                    "  sizes: 96\n"           # one value into a tuple
+                    "  flag: 1\n")
+    cfg = load_config(Outer, str(path), validate=False)
+    assert cfg.steps == 10000 and isinstance(cfg.steps, int)
+    assert cfg.tags == [] and cfg.path == ""
+    assert cfg.inner.ratio == 0.0 and isinstance(cfg.inner.ratio, float)
+    assert cfg.inner.sizes == (96,)
+    assert cfg.inner.flag is True
+    with pytest.raises(ConfigError, match=r"^inner\.flag: expected true/false"):
+        load_config(Outer, overrides=["inner.flag=2"])
+    assert load_config(Outer, overrides=["steps=1.5e1"]).steps == 15  # 15.0 is an integer, 2.5 is not
+    with pytest.raises(ConfigError, match=r"^steps: expected an integer"):
+        load_config(Outer, overrides=["steps=2.5"])
+
+
+def test_dump_config_round_trips_awkward_strings(tmp_path):
+    cfg = Outer(path="12:30", tags=["true", "", "null", "a,b", "no"], note=None, extra={"k": 1},
+                inner=Inner(sizes=(1, 2), ratio=0.25, name="yes"))
+    path = tmp_path / "dumped.yaml"
+    path.write_text(config.dump_config(cfg))
+    assert load_config(Outer, str(path)) == cfg
+    assert list(yaml.safe_load(path.read_text())) == ["path", "steps", "tags", "note", "extra", "inner"]
+
+
+# ---------------------------------------------------------------- paths
+
+def test_stage_configs_mark_their_path_fields():
+    from pseudobox.pipelines import bench, build_corpus, demo, evaluate, finetune, split
+
+    expected = {
+        build_corpus.BuildCorpusConfig: {"output", "source", "annotations"},
+        TrainClassifierConfig: {"corpus", "output", "model.weights", "model.init_checkpoint"},
+        MineConfig: {"corpus", "checkpoint", "output"},
+        PretrainConfig: {"corpus", "boxes", "classifier", "output"},
+        split.SplitConfig: {"corpus", "output"},
+        finetune.FinetuneConfig: {"corpus", "split", "checkpoint", "output", "eval_corpus"},
+        evaluate.EvaluateConfig: {"checkpoint", "corpus", "split", "output"},
+        demo.DemoConfig: {"workdir"},
+        bench.BenchDapConfig: {"workdir"},
+    }
+    for cls, keys in expected.items():
+        marked = set(config.path_keys(cls()))
+        assert marked >= keys, cls.__name__  # stages may grow path fields of their own
+        assert not marked & {"ray.address", "use_gpu", "workers.use_gpu", "method", "init", "builder"}, cls.__name__
+
+
+@pytest.fixture
+def outside_a_job(monkeypatch, tmp_path):
+    monkeypatch.delenv(config.RAY_JOB_ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_relative_paths_become_absolute_against_the_launch_directory(outside_a_job):
+    from pseudobox.pipelines.finetune import FinetuneConfig
+
+    here = outside_a_job
+    argv = ["corpus=data/down", "split=./splits/../splits/k5.json", "checkpoint=/abs/dap/model.pt",
+            "output=s3://bucket/ft", "eval_corpus=file:///data/test"]
+    cfg = load_config(FinetuneConfig, overrides=argv, resolve=True)
+    assert cfg.corpus == str(here / "data" / "down")
+    assert cfg.split == str(here / "splits" / "k5.json")
+    assert (cfg.checkpoint, cfg.output, cfg.eval_corpus) == ("/abs/dap/model.pt", "s3://bucket/ft", "file:///data/test")
+    assert load_config(FinetuneConfig, overrides=argv).corpus == "data/down"  # only when asked (the CLI asks)
+    assert load_config(FinetuneConfig, overrides=["corpus=~/c", "output=/o", "init=random"], resolve=True).corpus == \
+        str(pathlib.Path("~/c").expanduser())
+    # A torchvision weights name is not a path; a weights file is.
+    tc = load_config(TrainClassifierConfig, overrides=["corpus=/c", "output=o", "model.weights=IMAGENET1K_V1"],
+                     resolve=True)
+    assert tc.model.weights == "IMAGENET1K_V1" and tc.output == str(here / "o")
+    tc = load_config(TrainClassifierConfig, overrides=["corpus=/c", "output=/o", "model.weights=w/r50.pth"],
+                     resolve=True)
+    assert tc.model.weights == str(here / "w" / "r50.pth")
+    assert tc.model.init_checkpoint == ""  # unset stays unset
+
+
+def test_config_file_is_read_from_the_launch_directory_and_its_paths_resolve_there(outside_a_job):
+    (outside_a_job / "configs").mkdir()
+    (outside_a_job / "configs" / "mine.yaml").write_text("corpus: ./demo/corpus\ncheckpoint: /k\noutput: out\n")
+    cfg = load_config(MineConfig, "configs/mine.yaml", resolve=True)
+    assert cfg.corpus == str(outside_a_job / "demo" / "corpus")  # not configs/demo/corpus
+    assert cfg.output == str(outside_a_job / "out")
+
+
+@dataclass
+class ManyPaths:
+    inputs: list[str] = config.path_field(default_factory=list)
+
+
+def test_list_path_fields_resolve_item_by_item(outside_a_job):
+    cfg = load_config(ManyPaths, overrides=['inputs=["a", "s3://b/c", "/d"]'], resolve=True)
+    assert cfg.inputs == [str(outside_a_job / "a"), "s3://b/c", "/d"]
+
+
+def test_relative_path_is_refused_inside_a_ray_job(monkeypatch):
+    monkeypatch.setenv(config.RAY_JOB_ENV_VAR, '{"runtime_env": {}, "metadata": {}}')
+    assert config.in_ray_job()
+    with pytest.raises(ConfigError) as e:
+        load_config(MineConfig, overrides=["corpus=./pseudobox-demo/corpus", "checkpoint=/k", "output=s3://b/o"],
+                    resolve=True)
+    msg = str(e.value)
+    assert msg.startswith("corpus: relative path './pseudobox-demo/corpus' inside a Ray job")
+    assert "absolute path" in msg and "s3://" in msg
+    with pytest.raises(ConfigError, match=r"^inputs\[1\]: relative path"):
+        load_config(ManyPaths, overrides=['inputs=["/a", "b"]'], resolve=True)
+    # Absolute paths and URIs are what a job should use.
+    cfg = load_config(MineConfig, overrides=["corpus=/shared/corpus", "checkpoint=s3://b/k", "output=s3://b/o"],
+                      resolve=True)
+    assert cfg.corpus == "/shared/corpus" and cfg.checkpoint == "s3://b/k"

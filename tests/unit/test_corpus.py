@@ -11,7 +11,7 @@ import pytest
 from pseudobox import storage
 from pseudobox.datasets.corpus import (
     MANIFEST_NAME, CorpusError, CorpusWriter, decode_sample, encode_image, iter_corpus, iter_shard, load_manifest,
-    parse_meta, shard_uris,
+    parse_meta, shard_uris, write_shard,
 )
 from pseudobox.datasets.ray_io import PLACEHOLDER_IMAGE, count_errors, decode_batch
 
@@ -94,6 +94,20 @@ def test_writer_round_trip(tmp_path):
         else:
             assert "boxes" not in s
     assert {s["shard"] for s in samples} == {"shard-000000.tar", "shard-000001.tar", "shard-000002.tar"}
+
+
+def test_shard_members_image_then_json_and_reproducible(tmp_path):
+    # webdataset's TarWriter sorts a sample's members by extension (json < png); the
+    # writer keeps image-then-json for every key, and equal samples give equal bytes.
+    samples = [("b", encode_image(image(1), fmt="png"), "png", {"labels": [0]}),
+               ("a", jpg(2), "jpg", {"labels": [1]})]
+    write_shard(str(tmp_path / "one.tar"), samples)
+    write_shard(str(tmp_path / "two.tar"), samples)
+    with tarfile.open(tmp_path / "one.tar") as tar:
+        assert tar.getnames() == ["b.png", "b.json", "a.jpg", "a.json"]
+        assert {m.mtime for m in tar.getmembers()} == {0}
+    assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
+    assert [r["key"] for r in iter_shard(str(tmp_path / "one.tar"))] == ["b", "a"]
 
 
 def test_labels_by_name_and_boxes_clipped(tmp_path):

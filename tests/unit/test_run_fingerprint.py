@@ -94,6 +94,28 @@ def test_a_setting_missing_from_one_side_is_a_difference(tmp_path):
         check_same_run(out, {"stage": "x", "a": 1, "b": 2})
 
 
+def test_a_setting_newer_than_the_run_passes_at_its_default_only(tmp_path):
+    """A run recorded before optim.reference_batch existed resumes when the new key keeps
+    its default, and is refused when it is set; the record then holds the new key."""
+    out = tmp_path / "run"
+    cfg = pretrain_cfg()
+    check_same_run(str(out), run_fingerprint("pretrain", cfg), appliable=TRAINING_APPLIABLE)
+    record = json.loads((out / "run.json").read_text())
+    del record["settings"]["optim.reference_batch"]
+    (out / "run.json").write_text(json.dumps(record))
+    defaults = common.config_defaults(cfg)
+    assert defaults["optim.reference_batch"] == 0
+    with pytest.raises(ConfigError, match=r"optim.reference_batch: <not set> -> 64"):
+        check_same_run(str(out), run_fingerprint("pretrain", pretrain_cfg("optim.reference_batch=64")),
+                       appliable=TRAINING_APPLIABLE, defaults=defaults)
+    assert check_same_run(str(out), run_fingerprint("pretrain", cfg), appliable=TRAINING_APPLIABLE,
+                          defaults=defaults) == {}
+    assert json.loads((out / "run.json").read_text())["settings"]["optim.reference_batch"] == 0
+    with pytest.raises(ConfigError, match=r"optim.reference_batch: <not set> -> 0"):  # without defaults: a change
+        (out / "run.json").write_text(json.dumps(record))
+        check_same_run(str(out), run_fingerprint("pretrain", cfg), appliable=TRAINING_APPLIABLE)
+
+
 def test_legacy_run_json_is_checked_on_what_it_holds_then_recorded_in_full(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
