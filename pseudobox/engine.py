@@ -41,7 +41,12 @@ class OptimConfig:
     gamma: float = 0.1
     batch_size: int = 8  # per worker
     grad_clip: float = 0.0
-    amp: bool = True  # fp16 autocast + GradScaler, on CUDA only (as torchvision's references)
+    # Reduced precision where the device has it: autocast of the forward (``amp_settings``).
+    # ``amp_dtype`` auto: fp16 + GradScaler on CUDA (as torchvision's references), bf16 on
+    # CPUs with bf16 units (AVX-512 BF16 / AMX), fp32 on other CPUs (bf16 is emulated there,
+    # slower than fp32). ``bf16`` / ``fp16`` force that dtype on any device; ``amp`` false: fp32.
+    amp: bool = True
+    amp_dtype: str = "auto"
     checkpoint_every: int = 500
     log_every: int = 20
     # 0: ``lr`` is used as given. N: ``lr`` is the lr at a total batch of N images (as a
@@ -56,6 +61,47 @@ class OptimConfig:
         require(self.warmup_iters >= 0, "optim.warmup_iters must be >= 0")
         require(all(0 < s < 1 for s in self.lr_steps), "optim.lr_steps are fractions of max_iters in (0, 1)")
         require(self.checkpoint_every >= 1 and self.log_every >= 1, "optim.checkpoint_every/log_every must be >= 1")
+        require(self.amp_dtype in AMP_DTYPES, f"optim.amp_dtype must be one of {tuple(AMP_DTYPES)}, got {self.amp_dtype!r}")
+
+
+AMP_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has bf16 units (AVX-512 BF16 or AMX): only there is a bf16 forward
+    faster than fp32; elsewhere oneDNN emulates it."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # an older torch or a non-x86 build without the query
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def amp_settings(cfg: "OptimConfig", device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None for fp32, use a GradScaler)`` for ``cfg.amp`` /
+    ``cfg.amp_dtype`` on ``device`` (None: CPU). A GradScaler only for fp16, whose range
+    needs it; bf16 has fp32's range."""
+    if not cfg.amp:
+        return None, False
+    kind = torch.device(device or "cpu").type
+    dtype = AMP_DTYPES[cfg.amp_dtype]
+    if dtype is None:  # auto
+        if kind == "cuda":
+            dtype = torch.float16
+        elif kind == "cpu" and cpu_supports_bf16():
+            dtype = torch.bfloat16
+        else:
+            return None, False
+    return dtype, dtype == torch.float16
+
+
+def precision_note(dtype: torch.dtype | None, device) -> str:
+    """The log line naming the precision a training stage runs in."""
+    kind = torch.device(device or "cpu").type
+    if dtype is None:
+        return f"precision: fp32 on {kind}"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16 with GradScaler"}[dtype]
+    return f"precision: {name} autocast on {kind} (losses, anchors and box coding in fp32)"
 
 
 def scaled_lr(lr: float, reference_batch: int, total_batch: int) -> float:
@@ -241,9 +287,12 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
             group["initial_lr"] = cfg.lr
             group["lr"] = cfg.lr * lr_factor(step, cfg)
         scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    use_amp = cfg.amp and device is not None and torch.device(device).type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype, use_scaler = amp_settings(cfg, device)
+    device_type = torch.device(device or "cpu").type
+    scaler = torch.amp.GradScaler(device_type, enabled=use_scaler)
     lead = checkpointer.rank == 0
+    if lead:
+        log.info("%s: %s", stage, precision_note(amp_dtype, device))
     scalars = ScalarLog(tensorboard, purge_step=start_step) if tensorboard and lead else None
     images_per_step = cfg.batch_size * checkpointer.world_size  # nominal, all workers together
     running: dict[str, float] = {}
@@ -254,8 +303,9 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
             seen = 0
             for batch in batches():
                 seen += 1
-                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     losses = loss_fn(model, batch)
+                losses = {k: v.float() for k, v in losses.items()}  # summed and reported in fp32
                 loss = sum(losses.values())
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):

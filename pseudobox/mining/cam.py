@@ -9,7 +9,10 @@ scatter-adds, for the whole batch at once.
 
 ``CamBoxMiner`` is the per-batch callable that Ray Data runs in an actor pool: it loads
 the classifier once, computes multi-scale + flip CAMs for every image-level label and
-returns boxes in image pixels.
+returns boxes in image pixels. Its backbone runs in reduced precision where the device
+has fast units for it (``resolve_precision``), channels_last, in forward batches of
+same-size images (optionally padded, ``plan_forward_batches``); everything after the
+backbone is fp32 and stays on the device until one copy of the boxes back.
 """
 from __future__ import annotations
 
@@ -17,16 +20,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms
+from torch.profiler import record_function
+from torchvision.ops import batched_nms, box_iou
 
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
 
 
-def normalize_cams(cams: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each map of ``[B, H, W]`` to [0, 1]; a constant map becomes 0."""
-    flat = cams.flatten(1)
-    lo = flat.min(dim=1).values[:, None, None]
-    hi = flat.max(dim=1).values[:, None, None]
+def normalize_cams(cams: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Min-max normalise each map of ``[B, H, W]`` to [0, 1]; a constant map becomes 0.
+
+    With ``valid`` (bool, broadcastable to ``cams``) the minimum and maximum are taken over
+    the valid cells only, so that padding never sets a map's range.
+    """
+    if valid is None:
+        flat = cams.flatten(1)
+        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    else:
+        valid = valid.expand_as(cams)
+        lo = cams.masked_fill(~valid, float("inf")).flatten(1).min(dim=1).values
+        hi = cams.masked_fill(~valid, float("-inf")).flatten(1).max(dim=1).values
+    lo, hi = lo[:, None, None], hi[:, None, None]
     return (cams - lo) / (hi - lo).clamp_min(1e-12)
 
 
@@ -82,13 +95,24 @@ def cam_to_boxes(cams: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, nms_iou: flo
     clipped to the map. A box's score is the mean normalised CAM inside its component.
     Boxes from all thresholds are merged with NMS at ``nms_iou``, best score first.
     """
+    boxes, scores, map_of_box = cam_to_boxes_flat(cams, thresholds, nms_iou, min_component_ratio,
+                                                  max_components, min_side)
+    return [(boxes[map_of_box == i], scores[map_of_box == i]) for i in range(cams.shape[0])]
+
+
+def cam_to_boxes_flat(cams: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, nms_iou: float = 0.8,
+                      min_component_ratio: float = 0.5, max_components: int = 4,
+                      min_side: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cam_to_boxes`` for the whole batch as three flat tensors, with no per-map loop:
+    ``(boxes [N, 4], scores [N], map index [N])``, ordered by map, then best score first."""
     if cams.dim() != 3:
         raise ValueError(f"cams must be [B, H, W], got shape {tuple(cams.shape)}")
     if max_components < 1 or min_side < 0:
         raise ValueError(f"need max_components >= 1 and min_side >= 0, got {max_components}, {min_side}")
     b, h, w = cams.shape
     device = cams.device
-    empty = [(torch.zeros((0, 4), device=device), torch.zeros((0,), device=device)) for _ in range(b)]
+    empty = (torch.zeros((0, 4), device=device), torch.zeros((0,), device=device),
+             torch.zeros((0,), dtype=torch.int64, device=device))
     if b == 0 or h == 0 or w == 0:
         return empty
     cams = normalize_cams(cams.float())
@@ -138,8 +162,8 @@ def cam_to_boxes(cams: torch.Tensor, thresholds=DEFAULT_THRESHOLDS, nms_iou: flo
                          (xc + half_w).clamp(0, w), (yc + half_h).clamp(0, h)], dim=1)
     boxes, scores, image_of_box = boxes[keep], scores[keep], (comp_map // t)[keep]
     kept = batched_nms(boxes, scores, image_of_box, nms_iou)  # sorted by descending score
-    boxes, scores, image_of_box = boxes[kept], scores[kept], image_of_box[kept]
-    return [(boxes[image_of_box == i], scores[image_of_box == i]) for i in range(b)]
+    kept = kept[torch.argsort(image_of_box[kept], stable=True)]  # by map, each best first
+    return boxes[kept], scores[kept], image_of_box[kept]
 
 
 # ---------------------------------------------------------------- the mining actor
@@ -194,95 +218,241 @@ def resample_cam(cam: torch.Tensor, size: tuple[int, int], offsets: tuple[float,
                          align_corners=True)[0, 0]
 
 
-def cam_boxes_to_image(boxes: torch.Tensor, cam_size: tuple[int, int], image_size: tuple[int, int],
-                       flip: bool, stride: int = 32) -> torch.Tensor:
+def cam_boxes_to_image(boxes: torch.Tensor, cam_size, image_size, flip: bool, stride: int = 32) -> torch.Tensor:
     """Boxes in CAM cells (cell k centred at k + 0.5) → image pixels, clipped to the image.
 
     ``cam_size`` is the CAM's ``(hc, wc)`` for an input of ``stride·hc × stride·wc`` pixels
-    resized from an image of ``image_size`` ``(h, w)``.
+    resized from an image of ``image_size`` ``(h, w)``; either may also be a ``[N, 2]``
+    tensor giving each box its own sizes.
     """
-    (hc, wc), (h, w) = cam_size, image_size
+    cam_hw = torch.as_tensor(cam_size, dtype=boxes.dtype, device=boxes.device)
+    image_hw = torch.as_tensor(image_size, dtype=boxes.dtype, device=boxes.device)
     oy, ox = cell_centres(flip, stride)
     offset = boxes.new_tensor([ox, oy, ox, oy]) - stride / 2
-    scale = boxes.new_tensor([w / (wc * stride), h / (hc * stride)] * 2)
-    image_boxes = (boxes * stride + offset) * scale
-    return torch.minimum(image_boxes.clamp_min(0), boxes.new_tensor([w, h, w, h]))
+    scale = (image_hw / (cam_hw * stride)).flip(-1)  # (x, y) factors
+    image_boxes = (boxes * stride + offset) * torch.cat([scale, scale], dim=-1)
+    image_wh = image_hw.flip(-1)
+    return torch.minimum(image_boxes.clamp_min(0), torch.cat([image_wh, image_wh], dim=-1))
 
 
-def multiscale_cams(model, images: list[torch.Tensor], image_idx: torch.Tensor, labels: torch.Tensor,
-                    scales=(288, 576), flip: bool = True, stride: int = 32) -> tuple[torch.Tensor, list]:
+def matched_boxes(reference: list[tuple], other: list[tuple], iou: float = 0.9) -> tuple[int, int]:
+    """Agreement of two minings of the same images (per image ``(boxes, labels, scores)``):
+    how many of ``reference``'s boxes have a box of the same label in ``other`` at IoU ≥
+    ``iou``, and how many boxes ``reference`` has."""
+    matched = total = 0
+    for (ref_boxes, ref_labels, _), (boxes, labels, _) in zip(reference, other):
+        total += len(ref_boxes)
+        if len(ref_boxes) and len(boxes):
+            ious = box_iou(torch.as_tensor(ref_boxes), torch.as_tensor(boxes))
+            same = torch.as_tensor(ref_labels)[:, None] == torch.as_tensor(labels)[None]
+            matched += int(((ious >= iou) & same).any(dim=1).sum())
+    return matched, total
+
+
+# ------------------------------------------------------- precision and forward batches
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (AVX-512 BF16 or AMX). Without them oneDNN
+    emulates bf16 convolutions, several times slower than fp32 (measured on AVX2 CPUs)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device) -> torch.dtype:
+    """The backbone's forward dtype for ``cam.precision`` on ``device``.
+
+    ``auto``: bf16 on CUDA when supported (fp16 otherwise), bf16 on CPUs with bf16 units,
+    fp32 elsewhere. The CAM itself, its normalisation and the box fitting are always fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return _DTYPES[precision]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def plan_forward_batches(sizes: list[tuple[int, int]], max_images: int, max_padding: float) -> list[list[int]]:
+    """Group images by their resized ``(h, w)`` into forward batches, each padded to its
+    largest h and w.
+
+    Images are taken in order of size; an image joins the current batch while the batch
+    holds fewer than ``max_images`` and its padded pixels stay within ``max_padding`` of
+    its real ones (0: only images of one size share a batch).
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in sorted(range(len(sizes)), key=lambda k: sizes[k]):
+        h, w = sizes[i]
+        if current:
+            ph = max(h, max(sizes[k][0] for k in current))
+            pw = max(w, max(sizes[k][1] for k in current))
+            if len(current) < max_images and (len(current) + 1) * ph * pw <= (1 + max_padding) * (real + h * w):
+                current.append(i)
+                real += h * w
+                continue
+            batches.append(current)
+        current, real = [i], h * w
+    if current:
+        batches.append(current)
+    return batches
+
+
+def host_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Copy uint8 arrays to ``device`` in one transfer; on CUDA through pinned memory, so
+    the copy runs asynchronously."""
+    arrays = [a if a.flags.c_contiguous and a.flags.writeable else np.array(a) for a in arrays]
+    if device.type != "cuda":
+        return [torch.from_numpy(a).to(device) for a in arrays]
+    sizes = [a.size for a in arrays]
+    staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+    for part, a in zip(staging.split(sizes), arrays):
+        part.copy_(torch.from_numpy(a).view(-1))
+    flat = staging.to(device, non_blocking=True)
+    return [part.view(a.shape) for part, a in zip(flat.split(sizes), arrays)]
+
+
+def _resample_grid(src_hw: torch.Tensor, dst_hw: torch.Tensor, map_hw: tuple[int, int], out_hw: tuple[int, int],
+                   offsets: tuple[float, float], stride: int) -> torch.Tensor:
+    """``grid_sample`` grid ``[P, out_h, out_w, 2]`` that resamples each pair's valid
+    ``src_hw`` cells of a padded ``map_hw`` map to ``dst_hw`` cells (``resample_cam``'s
+    mapping, with the border clamped at the valid cells, not the padded map's)."""
+    axes = []
+    for a in (0, 1):
+        n_src, n_dst = src_hw[:, a:a + 1].float(), dst_hw[:, a:a + 1].float()
+        k = torch.arange(out_hw[a], device=src_hw.device, dtype=torch.float32)[None]
+        src = ((stride * k + offsets[a]) * n_src / n_dst - offsets[a]) / stride
+        src = torch.minimum(src.clamp_min(0), n_src - 1)
+        axes.append(2 * src / max(map_hw[a] - 1, 1) - 1 if map_hw[a] > 1 else torch.zeros_like(src))
+    gy = axes[0][:, :, None].expand(-1, -1, out_hw[1])
+    gx = axes[1][:, None, :].expand(-1, out_hw[0], -1)
+    return torch.stack([gx, gy], dim=-1)
+
+
+def _cell_mask(hw: torch.Tensor, map_hw: tuple[int, int]) -> torch.Tensor:
+    """``[P, H, W]`` bool: the cells inside each pair's valid ``(h, w)``."""
+    rows = torch.arange(map_hw[0], device=hw.device)[None, :, None] < hw[:, 0, None, None]
+    cols = torch.arange(map_hw[1], device=hw.device)[None, None, :] < hw[:, 1, None, None]
+    return rows & cols
+
+
+def _view_averaged_cams(model, feats: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, src_hw: torch.Tensor,
+                        mirror_offset: int) -> torch.Tensor:
+    """fp32 CAMs ``[P, H, W]`` of the pairs' feature rows, averaged with their mirrored
+    views' (rows + ``mirror_offset``, flipped back within each pair's valid width) when
+    ``mirror_offset`` > 0, and min-max normalised over the valid cells ``src_hw``."""
+    from pseudobox.models.classifier import cams_from_features
+
+    cams = cams_from_features(model, feats, rows, labels).float()
+    map_hw = tuple(cams.shape[-2:])
+    if mirror_offset:
+        cols = torch.arange(map_hw[1], device=cams.device)[None]
+        back = torch.where(cols < src_hw[:, 1:], src_hw[:, 1:] - 1 - cols, cols)
+        mirrored = cams_from_features(model, feats, rows + mirror_offset, labels).float()
+        cams = (cams + mirrored.gather(2, back[:, None, :].expand_as(mirrored))) / 2
+    return normalize_cams(cams, _cell_mask(src_hw, map_hw))  # per scale, after flip averaging
+
+
+def multiscale_cams(model, images: list[torch.Tensor], image_idx, labels: torch.Tensor,
+                    scales=(288, 576), flip: bool = True, stride: int = 32, dtype: torch.dtype = torch.float32,
+                    max_images: int = 16, max_padding: float = 0.0) -> tuple[torch.Tensor, list]:
     """CAMs for (image, label) pairs, averaged over scales and horizontal flip.
 
-    ``images`` are normalised ``[3, H, W]`` tensors. At each scale, images that resize
-    to the same size run as one batch (with their flips), so nothing is padded. Each
-    scale's flip-averaged CAM is min-max normalised on its own, resampled to the largest
-    scale's cells, and the scales are averaged (as the public DAP code does). Returns
-    ``[P, Hc, Wc]`` CAMs padded with each map's own minimum (padding never survives
-    normalisation) and, per pair, the valid CAM size ``(hc, wc)`` spanning its image.
+    ``images`` are normalised ``[3, H, W]`` tensors. At each scale, images are resized
+    (antialiased, short side ``scale``, sides on the stride) and run in forward batches
+    of up to ``max_images`` images with their flips (``plan_forward_batches``: padded at
+    the bottom and right within ``max_padding``; 0 pads nothing). The backbone runs in
+    ``dtype`` (autocast, channels_last); its features are cast to fp32 before the CAM.
+    Each scale's flip-averaged CAM is min-max normalised over its valid cells, resampled
+    to the largest scale's cells, and the scales are averaged (as the public DAP code
+    does). Returns ``[P, Hc, Wc]`` CAMs padded with each map's own minimum (padding never
+    survives normalisation) and, per pair, the valid CAM size ``(hc, wc)`` spanning its
+    image.
     """
-    from pseudobox.models.classifier import cams_from_features, resnet_features
+    from pseudobox.models.classifier import backbone_features
 
+    device = labels.device
+    pair_image = [int(i) for i in image_idx]
     top = max(scales)
     valid = [tuple(d // stride for d in scaled_size(*im.shape[1:], top, stride)) for im in images]
-    offsets = cell_centres(flip, stride)
+    pair_sizes = [valid[i] for i in pair_image]
+    hc, wc = max(v[0] for v in pair_sizes), max(v[1] for v in pair_sizes)
     pairs_of_image: dict[int, list[int]] = {}
-    for p, i in enumerate(image_idx.tolist()):
+    for p, i in enumerate(pair_image):
         pairs_of_image.setdefault(i, []).append(p)
-    sums: list = [None] * len(labels)
+    used = sorted(pairs_of_image)
+    offsets = cell_centres(flip, stride)
+    sums = torch.zeros((len(pair_image), hc, wc), device=device)
     for size in scales:
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            if i in pairs_of_image:
-                groups.setdefault(scaled_size(*im.shape[1:], size, stride), []).append(i)
-        for hw, members in groups.items():
-            batch = torch.stack([F.interpolate(images[i][None], size=hw, mode="bilinear", align_corners=False,
-                                               antialias=True)[0] for i in members])
-            if flip:
-                batch = torch.cat([batch, batch.flip(-1)])
-            pair_ids = [p for i in members for p in pairs_of_image[i]]
+        resized = [scaled_size(*images[i].shape[1:], size, stride) for i in used]
+        for batch_members in plan_forward_batches(resized, max_images, max_padding):
+            members = [used[k] for k in batch_members]
+            shapes = [resized[k] for k in batch_members]
+            ph, pw = max(s[0] for s in shapes), max(s[1] for s in shapes)
+            n = len(members)
+            with record_function("cam.resize"):
+                batch = images[members[0]].new_zeros((2 * n if flip else n, 3, ph, pw))
+                for k, (i, (h, w)) in enumerate(zip(members, shapes)):
+                    r = F.interpolate(images[i][None], size=(h, w), mode="bilinear", align_corners=False,
+                                      antialias=True)[0]
+                    batch[k, :, :h, :w] = r
+                    if flip:  # each view padded at its right, so its cells stay at stride·j from the left
+                        batch[n + k, :, :h, :w] = r.flip(-1)
+            with record_function("cam.forward"):
+                feats = backbone_features(model, batch, dtype)  # fp32 [V, C, ph/stride, pw/stride]
             slot = {i: k for k, i in enumerate(members)}
-            rows = torch.as_tensor([slot[int(image_idx[p])] for p in pair_ids], device=labels.device)
-            pair_labels = labels[pair_ids]
-            feats = resnet_features(model, batch)
-            cams = cams_from_features(model, feats, rows, pair_labels).float()
-            if flip:
-                cams = (cams + cams_from_features(model, feats, rows + len(members), pair_labels).float().flip(-1)) / 2
-            cams = normalize_cams(cams)  # per scale, after flip averaging
-            for k, p in enumerate(pair_ids):
-                cam = resample_cam(cams[k], valid[int(image_idx[p])], offsets, stride)
-                sums[p] = cam if sums[p] is None else sums[p] + cam
-    hc = max(v[0] for v in valid)
-    wc = max(v[1] for v in valid)
-    out = torch.empty((len(labels), hc, wc), device=labels.device)
-    pair_sizes = []
-    for p in range(len(labels)):
-        cam = sums[p] / len(scales)
-        out[p] = cam.min()
-        out[p, : cam.shape[0], : cam.shape[1]] = cam
-        pair_sizes.append(tuple(cam.shape))
-    return out, pair_sizes
+            pair_ids = [p for i in members for p in pairs_of_image[i]]
+            rows = torch.as_tensor([slot[pair_image[p]] for p in pair_ids], device=device)
+            src_hw = torch.as_tensor([[d // stride for d in shapes[slot[pair_image[p]]]] for p in pair_ids],
+                                     device=device)
+            dst_hw = torch.as_tensor([pair_sizes[p] for p in pair_ids], device=device)
+            pair_ids = torch.as_tensor(pair_ids, device=device)
+            with record_function("cam.cams"):
+                cams = _view_averaged_cams(model, feats, rows, labels[pair_ids], src_hw, n if flip else 0)
+                grid = _resample_grid(src_hw, dst_hw, tuple(feats.shape[-2:]), (hc, wc), offsets, stride)
+                sums.index_add_(0, pair_ids, F.grid_sample(cams[:, None], grid, mode="bilinear",
+                                                           padding_mode="border", align_corners=True)[:, 0])
+    cams = sums / len(scales)
+    inside = _cell_mask(torch.as_tensor(pair_sizes, device=device).view(-1, 2), (hc, wc))
+    lowest = cams.masked_fill(~inside, float("inf")).flatten(1).min(dim=1).values
+    return torch.where(inside, cams, lowest[:, None, None]), pair_sizes
 
 
 class CamBoxMiner:
     """Ray Data actor: decoded batch → CAM pseudo-boxes in image pixels.
 
     Loaded once per actor from a classifier checkpoint on storage; runs on CUDA when the
-    actor was given a GPU. Rows with a decode error pass through with no boxes.
+    actor was given a GPU. The backbone runs in ``precision`` (``resolve_precision``;
+    ``fp32`` turns reduced precision off) with channels_last; CAMs and boxes are fp32.
+    Rows with a decode error pass through with no boxes.
     """
 
     source = "cam"
 
     def __init__(self, checkpoint_uri: str, scales=(288, 576), flip: bool = True,
                  thresholds=DEFAULT_THRESHOLDS, nms_iou: float = 0.8, min_component_ratio: float = 0.5,
-                 max_components: int = 4, min_side: float = 1.0, device: str = "auto", threads: int | None = None):
+                 max_components: int = 4, min_side: float = 1.0, device: str = "auto", threads: int | None = None,
+                 precision: str = "auto", max_images: int = 16, max_padding: float = 0.0):
         from pseudobox.models.classifier import load_classifier
 
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
+        self.dtype = resolve_precision(precision, self.device)
         self.model, self.meta = load_classifier(checkpoint_uri, device=self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
         self.scales, self.flip = tuple(scales), flip
+        self.batching = dict(max_images=max_images, max_padding=max_padding)
         self.box_args = dict(thresholds=tuple(thresholds), nms_iou=nms_iou, min_component_ratio=min_component_ratio,
                              max_components=max_components, min_side=min_side)
 
@@ -291,26 +461,31 @@ class CamBoxMiner:
         """Per image: (boxes [N,4] image pixels, box labels [N], scores [N])."""
         from pseudobox.models.classifier import normalize_images
 
-        if not images:
-            return []
-        tensors = [normalize_images(torch.tensor(im, device=self.device)) for im in images]
-        image_idx = torch.as_tensor([i for i, ls in enumerate(labels) for _ in ls], dtype=torch.int64, device=self.device)
-        pair_labels = torch.as_tensor([int(c) for ls in labels for c in ls], dtype=torch.int64, device=self.device)
         results = [(np.zeros((0, 4), np.float32), np.zeros((0,), np.int64), np.zeros((0,), np.float32))
                    for _ in images]
-        if len(pair_labels) == 0:
+        pair_image = [i for i, ls in enumerate(labels) for _ in ls]
+        if not pair_image:
             return results
-        cams, sizes = multiscale_cams(self.model, tensors, image_idx, pair_labels, self.scales, self.flip)
-        per_pair = cam_to_boxes(cams, **self.box_args)
-        collected: list[list] = [[] for _ in images]
-        for p, (boxes, scores) in enumerate(per_pair):
-            i = int(image_idx[p])
-            boxes = cam_boxes_to_image(boxes, sizes[p], images[i].shape[:2], self.flip)
-            collected[i].append((boxes, torch.full_like(scores, int(pair_labels[p]), dtype=torch.int64), scores))
-        for i, parts in enumerate(collected):
-            if parts:
-                results[i] = tuple(torch.cat(x).cpu().numpy() for x in zip(*parts))
-                results[i] = (results[i][0].astype(np.float32), results[i][1], results[i][2].astype(np.float32))
+        with record_function("cam.to_device"):
+            tensors = [normalize_images(t) for t in host_to_device(list(images), self.device)]
+        pair_labels = torch.as_tensor([int(c) for ls in labels for c in ls], dtype=torch.int64)
+        cams, sizes = multiscale_cams(self.model, tensors, pair_image, pair_labels.to(self.device), self.scales,
+                                      self.flip, dtype=self.dtype, **self.batching)
+        with record_function("cam.boxes"):
+            boxes, scores, pair_of_box = cam_to_boxes_flat(cams, **self.box_args)
+        cam_hw = torch.as_tensor(sizes, dtype=torch.float32, device=self.device).view(-1, 2)
+        image_hw = torch.as_tensor([im.shape[:2] for im in images], dtype=torch.float32, device=self.device)
+        image_of_pair = torch.as_tensor(pair_image, device=self.device)
+        boxes = cam_boxes_to_image(boxes, cam_hw[pair_of_box], image_hw[image_of_pair[pair_of_box]], self.flip)
+        # One transfer back; boxes are ordered by pair, so by image.
+        boxes, scores, pair_of_box = boxes.cpu().numpy(), scores.cpu().numpy(), pair_of_box.cpu().numpy()
+        image_of_box = np.asarray(pair_image)[pair_of_box]
+        box_labels = pair_labels.numpy()[pair_of_box]
+        splits = np.searchsorted(image_of_box, np.arange(1, len(images)))
+        for i, (b, c, s) in enumerate(zip(np.split(boxes, splits), np.split(box_labels, splits),
+                                          np.split(scores, splits))):
+            if len(b):
+                results[i] = (b.astype(np.float32), c.astype(np.int64), s.astype(np.float32))
         return results
 
     def __call__(self, batch: dict) -> dict:

@@ -188,6 +188,16 @@ def resnet_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.layer4(model.layer3(model.layer2(model.layer1(x))))
 
 
+def backbone_features(model: nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``resnet_features`` in channels_last, under autocast to ``dtype`` unless fp32,
+    returned as fp32 so that the CAM (a 1×1 conv of the fc weights), its normalisation
+    and the box fitting never run in reduced precision."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        feats = resnet_features(model, x)
+    return feats.float()
+
+
 def class_activation_maps(model: nn.Module, images: torch.Tensor, image_idx: torch.Tensor,
                           labels: torch.Tensor) -> torch.Tensor:
     """CAMs ``[P, h, w]`` for P (image index, class) pairs of a normalised batch."""

@@ -78,14 +78,50 @@ def build_detector(arch: DetectorArch, num_classes: int) -> nn.Module:
                   image_std=list(IMAGENET_STD))
     if arch.detector == "faster_rcnn":
         backbone = _resnet_fpn_extractor(resnet, trainable)
-        return FasterRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=arch.score_thresh,
-                          box_detections_per_img=arch.detections_per_image,
-                          rpn_post_nms_top_n_train=arch.rpn_post_nms_top_n_train,
-                          box_batch_size_per_image=arch.box_batch_size_per_image, **common)
-    backbone = _resnet_fpn_extractor(resnet, trainable, returned_layers=[2, 3, 4],
-                                     extra_blocks=LastLevelP6P7(256, 256))
-    return RetinaNet(backbone, num_classes=num_classes + 1, score_thresh=arch.score_thresh,
-                     detections_per_img=arch.detections_per_image, **common)
+        model = FasterRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=arch.score_thresh,
+                           box_detections_per_img=arch.detections_per_image,
+                           rpn_post_nms_top_n_train=arch.rpn_post_nms_top_n_train,
+                           box_batch_size_per_image=arch.box_batch_size_per_image, **common)
+    else:
+        backbone = _resnet_fpn_extractor(resnet, trainable, returned_layers=[2, 3, 4],
+                                         extra_blocks=LastLevelP6P7(256, 256))
+        model = RetinaNet(backbone, num_classes=num_classes + 1, score_thresh=arch.score_thresh,
+                          detections_per_img=arch.detections_per_image, **common)
+    return keep_box_math_fp32(model)
+
+
+def _floats_to_fp32(value):
+    """``value`` (a tensor, or a list / tuple / dict of them) with reduced-precision floats cast to fp32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+    if isinstance(value, dict):
+        return type(value)((k, _floats_to_fp32(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_floats_to_fp32(v) for v in value)
+    return value
+
+
+def _fp32_output_hook(module, inputs, output):
+    return _floats_to_fp32(output)
+
+
+# The modules whose outputs feed box math: FPN features (anchors take their dtype, RoI
+# pooling reads them), the heads' scores and box deltas (box coding, NMS, the losses).
+FP32_OUTPUTS = {"faster_rcnn": ("backbone", "rpn.head", "roi_heads.box_predictor"),
+                "retinanet": ("backbone", "head.classification_head", "head.regression_head")}
+
+
+def keep_box_math_fp32(model: nn.Module) -> nn.Module:
+    """Under autocast (bf16 / fp16), convolutions and linear layers run in reduced precision
+    but anchors, proposals, box encoding/decoding, RoI pooling, NMS and the losses stay in
+    fp32. Torchvision's detectors take those dtypes from the features, so without this a
+    bf16 forward builds bf16 anchors (8 significant bits: 2 px steps at 300 px) and bf16
+    regression targets. Forward hooks cast the ``FP32_OUTPUTS`` modules' outputs to fp32
+    (a no-op outside autocast); parameter names and checkpoints are unchanged."""
+    kind = "faster_rcnn" if isinstance(model, FasterRCNN) else "retinanet"
+    for name in FP32_OUTPUTS[kind]:
+        model.get_submodule(name).register_forward_hook(_fp32_output_hook)
+    return model
 
 
 def _is_counter(key: str) -> bool:

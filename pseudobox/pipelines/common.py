@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pseudobox.config import ConfigError, require
+from pseudobox.console import quiet_worker_logs
 
 log = logging.getLogger("pseudobox")
+stats_log = logging.getLogger("pseudobox.ray_stats")  # DEBUG: Ray Data's stats after a pool run
 
 # ``1`` shows Ray's own console output (banners, dataset plans, info logs, warnings);
 # the CLI's ``--verbose`` sets it. Unset, Ray's console loggers show errors only.
@@ -28,7 +30,7 @@ class RayConfig:
     under ``ray job submit``), or a local instance with these resources."""
 
     address: str = ""
-    num_cpus: int = 0  # 0: all cores (local instance only)
+    num_cpus: int = 0  # 0: this machine's physical cores (``local_cpus``; local instance only)
     object_store_mb: int = 300
 
     def validate(self) -> None:
@@ -40,6 +42,20 @@ def is_verbose() -> bool:
     """Whether Ray's own console output is wanted (``setup_logging(verbose=True)`` or
     ``PSEUDOBOX_VERBOSE=1``)."""
     return _verbose or os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def local_cpus() -> int:
+    """Cores a local Ray instance should advertise: the physical cores this process may
+    run on. More logical CPUs than cores lets Ray schedule data tasks next to the actors
+    and training workers, which then fight for the same cores."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or usable
+    except ImportError:
+        physical = usable
+    return max(1, min(usable, physical))
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -60,11 +76,12 @@ def init_ray(cfg: RayConfig) -> None:
         else:
             # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
             # without it that actor logs a warning every few seconds.
-            ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+            ray.init(num_cpus=cfg.num_cpus or local_cpus(), include_dashboard=True, dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1",
                      object_store_memory=cfg.object_store_mb * 1024 * 1024, **quiet)
     if not verbose:
         hide_ray_warnings()
+        quiet_worker_logs()  # Ray's chatter forwarded from its own actors (pseudobox/console.py)
     configure_ray_data(verbose)
 
 
@@ -182,11 +199,14 @@ class ShardProgress:
 
 
 def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool, writer, stage: str,
-                   expected: dict[str, int], min_interval: float = 5.0) -> dict:
-    """Stream ``ds`` (decoded rows) through ``actor_cls`` on an autoscaling Ray Data actor
-    pool and hand each output batch to ``writer`` (``mining.outputs.ShardPartWriter``),
-    which writes a shard's part as soon as the shard is complete; logs progress.
+                   expected: dict[str, int], min_interval: float = 5.0, decode: dict | None = None) -> dict:
+    """Stream ``ds`` through ``actor_cls`` on an autoscaling Ray Data actor pool and hand
+    each output batch to ``writer`` (``mining.outputs.ShardPartWriter``), which writes a
+    shard's part as soon as the shard is complete; logs progress.
 
+    ``ds`` holds decoded rows, or raw rows when ``decode`` is given (``{"classes": [...],
+    "labelled": bool}``): then each actor decodes its own batches (``ray_io.DecodingActor``,
+    on its GPU when it holds one), so no decoded image crosses the object store.
     ``pool`` is the stage config: ``batch_size``, ``min_actors``, ``max_actors``,
     ``cpus_per_actor``. With ``use_gpu`` each actor reserves one GPU and runs on CUDA;
     otherwise it runs on the CPU with ``cpus_per_actor`` threads, never on a GPU it did
@@ -196,8 +216,13 @@ def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool,
 
     kwargs = {**constructor_kwargs, "device": "cuda" if use_gpu else "cpu",
               "threads": None if use_gpu else max(1, int(pool.cpus_per_actor))}
+    fn, fn_kwargs = actor_cls, kwargs
+    if decode is not None:
+        from pseudobox.datasets.ray_io import DecodingActor
+
+        fn, fn_kwargs = DecodingActor, {"actor_cls": actor_cls, "actor_kwargs": kwargs, **decode}
     out = ds.map_batches(
-        actor_cls, fn_constructor_kwargs=kwargs, batch_size=pool.batch_size, batch_format="numpy",
+        fn, fn_constructor_kwargs=fn_kwargs, batch_size=pool.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_gpus=1 if use_gpu else 0, num_cpus=pool.cpus_per_actor,
     )
@@ -212,6 +237,8 @@ def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool,
             progress.shard_done(shard)
     errors = sum(n for r in reports.values() for n in r.get("errors", {}).values())
     log.info("%s", progress.summary(errors))
+    if stats_log.isEnabledFor(logging.DEBUG):  # Ray Data's per-operator times (benchmarks/ray_overhead.py)
+        stats_log.debug("%s", out.stats())
     return reports
 
 

@@ -1,8 +1,8 @@
 """Stage ``mine``: pseudo-boxes for every corpus image on a Ray Data actor pool.
 
-read shards (CPU tasks) → decode (CPU tasks) → box source (autoscaling actor pool,
-one GPU per actor when the cluster has GPUs) → one parquet part per shard, written by
-the driver as each shard completes. Re-running skips shards whose part exists; its
+read shards (light tasks) → decode + box source in one autoscaling actor pool (one GPU
+per actor when the cluster has GPUs; JPEGs decoded on it) → one parquet part per shard,
+written by the driver as each shard completes. Re-running skips shards whose part exists; its
 settings must equal the first run's (run.json), except those in ``APPLIABLE``.
 """
 from __future__ import annotations
@@ -33,6 +33,9 @@ class CamConfig:
     min_component_ratio: float = 0.5
     max_components: int = 4     # per threshold, largest first (the public DAP code's k)
     min_side: float = 1.0       # box sides of at least one CAM cell
+    # Backbone forward dtype: auto = bf16 on CUDA (fp16 without bf16) and on CPUs with
+    # bf16 units (AVX-512 BF16/AMX), else fp32; fp32 turns it off. CAMs and boxes stay fp32.
+    precision: str = "auto"
 
     def validate(self) -> None:
         require(len(self.scales) > 0 and all(s >= 32 for s in self.scales), "cam.scales must be short sides >= 32")
@@ -42,6 +45,8 @@ class CamConfig:
         require(0 <= self.min_component_ratio <= 1, "cam.min_component_ratio must be in [0, 1]")
         require(self.max_components >= 1, "cam.max_components must be >= 1")
         require(self.min_side >= 0, "cam.min_side must be >= 0 (CAM cells)")
+        require(self.precision in ("auto", "fp32", "bf16", "fp16"),
+                f"cam.precision must be one of auto, fp32, bf16, fp16, got {self.precision!r}")
 
 
 @dataclass
@@ -102,14 +107,17 @@ def run(cfg: MineConfig) -> dict:
     if pending:
         init_ray(cfg.ray)
         use_gpu = resolve_use_gpu(cfg.use_gpu)
-        ds = ray_io.decoded_corpus(cfg.corpus, keep_errors=True, shards=pending, batch_size=cfg.batch_size)
+        # Raw rows: each actor decodes its own batches (on its GPU when it has one), and the
+        # light read tasks reserve no core the actors need (docs/benchmarks.md, Ray overhead).
+        ds = ray_io.read_corpus(cfg.corpus, shards=pending, read_cpus=ray_io.FUSED_READ_CPUS)
         cam = {"checkpoint_uri": cfg.checkpoint, "scales": cfg.cam.scales, "flip": cfg.cam.flip,
                "thresholds": cfg.cam.thresholds, "nms_iou": cfg.cam.nms_iou,
                "min_component_ratio": cfg.cam.min_component_ratio, "max_components": cfg.cam.max_components,
-               "min_side": cfg.cam.min_side}
+               "min_side": cfg.cam.min_side, "precision": cfg.cam.precision}
         expected = {s.name: s.num_samples for s in manifest.shards}
         writer = outputs.ShardPartWriter(cfg.output, expected, cfg.source)
-        run_shard_pool(ds, CamBoxMiner, cam, cfg, use_gpu, writer, "mine", {s: expected[s] for s in pending})
+        run_shard_pool(ds, CamBoxMiner, cam, cfg, use_gpu, writer, "mine", {s: expected[s] for s in pending},
+                       decode={"classes": manifest.classes})
     summary = outputs.summarize(outputs.load_reports(cfg.output))
     summary.update({"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source,
                     "classes": manifest.classes, "config": to_dict(cfg),

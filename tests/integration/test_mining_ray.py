@@ -50,8 +50,9 @@ def s3_corpus(s3_bucket):
 
 
 def _cfg(corpus, ckpt, out, **kw):
+    pool = {"min_actors": 1, "max_actors": 2, **kw}
     return mine.MineConfig(corpus=corpus, checkpoint=ckpt, output=out, cam=mine.CamConfig(scales=(64, 96)),
-                           batch_size=4, min_actors=1, max_actors=2, **kw)
+                           batch_size=4, **pool)
 
 
 class _Lines(logging.Handler):
@@ -71,7 +72,9 @@ def test_mining_streams_s3_shards_counts_bad_input_and_resumes(ray_local, s3_cor
     logger.addHandler(kept)
     logger.setLevel(logging.INFO)
     try:
-        summary = mine.run(_cfg(corpus, ckpt, out))
+        # Two actors holding all 4 of ray_local's CPUs: the read tasks that feed them
+        # reserve none (the actors decode), so the pool is not starved.
+        summary = mine.run(_cfg(corpus, ckpt, out, min_actors=2, max_actors=2, cpus_per_actor=2.0))
     finally:
         logger.removeHandler(kept)
         logger.setLevel(level)
@@ -112,6 +115,11 @@ def test_mining_streams_s3_shards_counts_bad_input_and_resumes(ray_local, s3_cor
         mine.run(mine.MineConfig(corpus=corpus, checkpoint=ckpt, output=out, cam=mine.CamConfig(scales=(64,))))
 
 
+class _Probe:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
 def test_actor_pool_requests_one_gpu_per_actor_when_the_cluster_has_gpus(monkeypatch, tmp_path):
     """The launcher asks Ray for num_gpus=1 per actor when GPUs exist (checked by
     capturing the map_batches call; this machine has no GPU)."""
@@ -119,7 +127,7 @@ def test_actor_pool_requests_one_gpu_per_actor_when_the_cluster_has_gpus(monkeyp
 
     class FakeDataset:
         def map_batches(self, fn, **kwargs):
-            calls.update(kwargs)
+            calls.update(kwargs, fn=fn)
             return self
 
         def iter_batches(self, **kwargs):
@@ -130,7 +138,16 @@ def test_actor_pool_requests_one_gpu_per_actor_when_the_cluster_has_gpus(monkeyp
     ckpt = make_classifier_checkpoint(str(tmp_path / "cls.pt"), manifest.classes)
     monkeypatch.setattr(mine, "init_ray", lambda cfg: None)
     monkeypatch.setattr(mine, "resolve_use_gpu", lambda setting: True)
-    monkeypatch.setattr("pseudobox.datasets.ray_io.decoded_corpus", lambda *a, **k: FakeDataset())
+    monkeypatch.setattr("pseudobox.datasets.ray_io.read_corpus", lambda *a, **k: FakeDataset())
     mine.run(_cfg(corpus, ckpt, str(tmp_path / "out"), use_gpu="true"))
     assert calls["num_gpus"] == 1
     assert calls["compute"].min_size == 1 and calls["compute"].max_size == 2
+    # The actors decode their own batches, on the GPU they hold.
+    from pseudobox.datasets.ray_io import DecodingActor
+    from pseudobox.mining.cam import CamBoxMiner
+
+    kwargs = calls["fn_constructor_kwargs"]
+    assert calls["fn"] is DecodingActor and kwargs["actor_cls"] is CamBoxMiner
+    assert kwargs["actor_kwargs"]["device"] == "cuda"
+    assert kwargs["classes"] == manifest.classes
+    assert DecodingActor(_Probe, kwargs["actor_kwargs"], kwargs["classes"]).device == "cuda"

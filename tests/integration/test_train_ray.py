@@ -64,6 +64,9 @@ def test_classifier_trains_on_two_workers_checkpoints_to_s3_and_resumes(ray_loca
     assert sorted(int(step) for _, step in lines) == [1, 2, 3, 4], console
     assert len({pid for pid, _ in lines}) == 1
     assert "TrainingReport(" not in console and "Reporting training result" not in console
+    # Nor Ray's chatter from its own actors (Train controller, Ray Data's split coordinator).
+    for chatter in ("Execution plan of Dataset", "Requesting resources", "Wrapping provided model", "Deprecation"):
+        assert chatter not in console, chatter
 
     # TensorBoard event files under <output>/tensorboard on S3, one per worker-group start.
     events = storage.listdir(f"{out}/{trainer.TENSORBOARD_DIR}")
