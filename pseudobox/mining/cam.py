@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from torchvision.ops import batched_nms, box_iou
 
+from pseudobox.engine import cpu_supports_bf16
+
 DEFAULT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
 
 
@@ -255,13 +257,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has bf16 matrix units (AVX-512 BF16 or AMX). Without them oneDNN
-    emulates bf16 convolutions, several times slower than fp32 (measured on AVX2 CPUs)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
 def resolve_precision(precision: str, device) -> torch.dtype:
     """The backbone's forward dtype for ``cam.precision`` on ``device``.
 
@@ -275,7 +270,7 @@ def resolve_precision(precision: str, device) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16():
+    if device.type == "cpu" and cpu_supports_bf16():
         return torch.bfloat16
     return torch.float32
 
@@ -307,9 +302,13 @@ def plan_forward_batches(sizes: list[tuple[int, int]], max_images: int, max_padd
     return batches
 
 
-def host_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Copy uint8 arrays to ``device`` in one transfer; on CUDA through pinned memory, so
-    the copy runs asynchronously."""
+def host_to_device(arrays: list, device: torch.device) -> list[torch.Tensor]:
+    """Copy uint8 HWC arrays to ``device`` in one transfer; on CUDA through pinned memory, so
+    the copy runs asynchronously. Images that are already tensors (decoded on the actor's
+    device by ``ray_io.decode_images``) only move if they are elsewhere."""
+    if arrays and all(isinstance(a, torch.Tensor) for a in arrays):
+        return [a.to(device) for a in arrays]
+    arrays = [a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in arrays]
     arrays = [a if a.flags.c_contiguous and a.flags.writeable else np.array(a) for a in arrays]
     if device.type != "cuda":
         return [torch.from_numpy(a).to(device) for a in arrays]

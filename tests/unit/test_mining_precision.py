@@ -56,9 +56,9 @@ def test_backbone_runs_in_the_requested_dtype_and_cams_in_fp32(checkpoint, one_t
 
 
 def test_auto_precision_follows_the_device():
-    from pseudobox.mining.cam import cpu_has_fast_bf16
+    from pseudobox.engine import cpu_supports_bf16
 
-    assert resolve_precision("auto", "cpu") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    assert resolve_precision("auto", "cpu") == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
     assert resolve_precision("fp32", "cpu") == torch.float32
     assert resolve_precision("fp16", "cpu") == torch.float16
     with pytest.raises(ValueError):
@@ -121,3 +121,13 @@ def test_host_to_device_copies_read_only_arrays():
     a.flags.writeable = False
     (t,) = host_to_device([a], torch.device("cpu"))
     assert t.shape == (2, 4, 3) and torch.equal(t, torch.from_numpy(a.copy()))
+
+
+def test_host_to_device_passes_decoded_tensors_through():
+    """Images decoded on the actor's device (``ray_io.decode_images``) are not copied back
+    through the host; numpy and tensors mixed still arrive as tensors of the same pixels."""
+    image = torch.randint(0, 255, (5, 7, 3), dtype=torch.uint8)
+    (same,) = host_to_device([image], torch.device("cpu"))
+    assert same.data_ptr() == image.data_ptr()
+    mixed = host_to_device([image, image.numpy().copy()], torch.device("cpu"))
+    assert all(torch.equal(m, image) for m in mixed)
