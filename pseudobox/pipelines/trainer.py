@@ -7,14 +7,12 @@ resumes too. After training the driver exports ``<output>/model.pt`` (weights wi
 optimizer state) for the next stage.
 
 The console gets one progress line per log step from rank 0 (``engine.train_loop``);
-Ray Train's own per-report ``TrainingReport(...)`` lines from every rank are muted in
-the workers unless ``PSEUDOBOX_VERBOSE=1`` is set where the stage starts.
+Ray Train's own per-report ``TrainingReport(...)`` lines from every rank are dropped by
+the driver with Ray's other chatter (``pseudobox/console.py``) unless ``--verbose``.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
 import os
 from dataclasses import dataclass
 
@@ -24,7 +22,7 @@ from pseudobox import storage
 from pseudobox.config import require
 from pseudobox.engine import OptimConfig, lr_scaling_note, scaled_lr
 from pseudobox.models.checkpoint import MODEL_FILE, read_checkpoint_file, save_checkpoint
-from pseudobox.pipelines.common import is_verbose, log, resolve_use_gpu
+from pseudobox.pipelines.common import log, resolve_use_gpu
 
 
 @dataclass
@@ -67,37 +65,15 @@ def scaled_optim(optim: OptimConfig, workers: WorkersConfig, stage: str) -> Opti
     return dataclasses.replace(optim, lr=scaled_lr(optim.lr, optim.reference_batch, total))
 
 
-def mute_report_logs() -> None:
-    """Mute Ray Train's ``Reporting training result N: TrainingReport(...) from rank R``.
-
-    Ray Train V2 logs it at INFO, for every report of every rank, through a logger named
-    after its module file (so ``RunConfig``'s ``LoggingConfig``, which filters ``ray.train.*``
-    names, does not reach it). Only INFO goes: warnings and errors still show."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: nothing known to mute
-        return
-    logger = getattr(context, "logger", None)
-    if isinstance(logger, logging.Logger):
-        logger.setLevel(logging.WARNING)
-
-
-def _run_worker(worker_fn, config: dict):
-    if not config.get("verbose"):
-        mute_report_logs()
-    return worker_fn(config)
-
-
 def fit(worker_fn, loop_config: dict, output: str, workers: WorkersConfig, datasets: dict):
     """Run ``worker_fn(loop_config)`` on N Ray Train workers (DDP); returns the Result."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = resolve_use_gpu(workers.use_gpu)
-    loop_config = {**loop_config, "use_gpu": use_gpu, "threads": max(1, int(workers.cpus_per_worker)),
-                   "verbose": is_verbose()}
+    loop_config = {**loop_config, "use_gpu": use_gpu, "threads": max(1, int(workers.cpus_per_worker))}
     trainer = TorchTrainer(
-        functools.partial(_run_worker, worker_fn), train_loop_config=loop_config,
+        worker_fn, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": workers.cpus_per_worker}),
         run_config=run_config(output, workers.max_failures),
