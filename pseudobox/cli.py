@@ -32,8 +32,10 @@ STAGES = {
     "train-classifier": StageSpec("train_classifier", "TrainClassifierConfig", "DAP step 1: classifier on Ray Train"),
     "mine": StageSpec("mine", "MineConfig", "DAP step 2: CAM pseudo-boxes on a Ray Data actor pool"),
     "pretrain": StageSpec("pretrain", "PretrainConfig", "DAP step 3: detector pre-training on Ray Train"),
-    "split": StageSpec("split", "SplitConfig", "seeded k-shot split of a detection corpus"),
+    "split": StageSpec("split", "SplitConfig", "seeded splits: k-shot, percent labelled (folds), or labelled/unlabelled sets"),
     "finetune": StageSpec("finetune", "FinetuneConfig", "DAP step 4: fine-tune a detector, then evaluate"),
+    "finetune-ssod": StageSpec("finetune_ssod", "FinetuneSsodConfig",
+                               "semi-supervised fine-tuning: supervised, mean-teacher or dense-teacher"),
     "evaluate": StageSpec("evaluate", "EvaluateConfig", "COCO and VOC metrics of a detector"),
     "predict": StageSpec("predict", "PredictConfig", "a detector's boxes for every image of a corpus"),
     "report": StageSpec("report", "ReportConfig", "one HTML report of stage outputs"),
@@ -42,6 +44,8 @@ DEMO = StageSpec("demo", "DemoConfig", "the whole DAP chain on a synthetic corpu
 BENCHES = {
     "dap": StageSpec("bench", "BenchDapConfig",
                      "the demo's DAP chain over N seeds: CLS-init vs DAP-init, mean ± std, paired 95%% CI"),
+    "ssod": StageSpec("bench_ssod", "BenchSsodConfig",
+                      "semi-supervised methods vs supervised over N seeds on a synthetic set, paired 95%% CI"),
 }
 
 
@@ -143,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("overrides", nargs="*", metavar="OUTPUT_OR_OVERRIDE",
                            help="stage output directories (collected into inputs=[...]) and dotted overrides")
         else:
+            if name == "finetune-ssod":
+                p.add_argument("--method", default=None,
+                               help="supervised, mean-teacher or dense-teacher (same as method=...)")
             if name == "predict":
                 p.add_argument("--checkpoint", default=None, help="the detector checkpoint (same as checkpoint=...)")
                 p.add_argument("--corpus", default=None, help="the corpus to predict on (same as corpus=...)")
@@ -178,6 +185,8 @@ def command_of(args: argparse.Namespace) -> Command:
         flags.append(f"workdir={args.workdir}")
     if args.stage == "bench" and args.seeds is not None:
         flags.insert(0, f"seeds={args.seeds}")
+    if args.stage == "finetune-ssod" and args.method is not None:
+        flags.append(f"method={args.method}")
     if args.stage == "predict":
         flags += [f"{key}={getattr(args, key)}" for key in ("checkpoint", "corpus", "output")
                   if getattr(args, key) is not None]

@@ -202,17 +202,19 @@ def format_duration(seconds: float) -> str:
 def progress_line(stage: str, row: dict, max_iters: int, images_per_s: float, eta_s: float) -> str:
     """One line per log step: stage, step/total, total loss (its terms), lr, global img/s, ETA.
 
-    ``row`` is a history row (``step``, ``lr``, ``loss`` and the loss terms; ``eval/*``
-    metrics, when present, follow the ETA)."""
+    ``row`` is a history row (``step``, ``lr``, ``loss`` and the loss terms). Grouped
+    numbers (``eval/*`` metrics, ``pseudo/*`` statistics) follow the ETA; per-class ones
+    (two slashes, e.g. ``pseudo/precision/<class>``) stay in the history and TensorBoard."""
     skip = {"step", "lr", "s_per_iter", "loss"}
-    terms = [(k.removeprefix("loss_"), v) for k, v in row.items() if k not in skip and not k.startswith("eval/")]
+    terms = [(k.removeprefix("loss_"), v) for k, v in row.items() if k not in skip and "/" not in k]
     parts = [f"{stage}  step {row['step']}/{max_iters}", f"loss {row['loss']:.4f}"]
     if terms:
         parts[-1] += " (" + ", ".join(f"{k} {v:.4f}" for k, v in terms) + ")"
     parts += [f"lr {row['lr']:.4g}", f"{images_per_s:.1f} img/s", f"ETA {format_duration(eta_s)}"]
-    evals = [(k, v) for k, v in row.items() if k.startswith("eval/") and k != "eval/images"]
-    if evals:
-        parts.append(" ".join(f"{k} {v:.2f}" for k, v in evals))
+    grouped = [(k, v) for k, v in row.items()
+               if "/" in k and k != "eval/images" and (k.count("/") == 1 or k.startswith("eval/"))]
+    if grouped:
+        parts.append(" ".join(f"{k} {v:.2f}" for k, v in grouped))
     return "  ".join(parts)
 
 
@@ -267,7 +269,9 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
                make_checkpoint: Callable[[int, list], dict], checkpointer: WorkerCheckpointer,
                start_step: int = 0, history: list | None = None, device=None, stage: str = "train",
                tensorboard: str = "", eval_every: int = 0,
-               eval_fn: Callable[[int, torch.nn.Module], dict | None] | None = None) -> list:
+               eval_fn: Callable[[int, torch.nn.Module], dict | None] | None = None,
+               after_step: Callable[[int, torch.nn.Module], None] | None = None,
+               row_metrics: Callable[[], dict] | None = None) -> list:
     """Run SGD until ``cfg.max_iters``; returns the metric history (one row per log).
 
     ``batches()`` is called once per epoch. Checkpoints every ``checkpoint_every`` steps
@@ -276,6 +280,10 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
     rows as scalars there. With ``eval_every`` N, every N steps and at the end there is
     a row on every rank (``ray.train.report`` is a collective) and ``eval_fn(step, model)``,
     passed on rank 0 only, adds its metrics to it as ``eval/<name>``.
+
+    A method's state around the loss hooks in without a loop of its own:
+    ``after_step(step, model)`` runs after every optimizer step (an EMA teacher update),
+    and ``row_metrics()`` adds its numbers (pseudo-label statistics) to each history row.
     """
     history = list(history or [])
     step = start_step
@@ -321,6 +329,8 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
                 scaler.update()
                 scheduler.step()
                 step += 1
+                if after_step is not None:
+                    after_step(step, model)
                 for k, v in losses.items():
                     running[k] = running.get(k, 0.0) + float(v.detach())
                 running["loss"] = running.get("loss", 0.0) + loss_value
@@ -333,6 +343,8 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
                     images_per_s = images_per_step / s_per_iter if s_per_iter > 0 else 0.0
                     row = {"step": step, "lr": optimizer.param_groups[0]["lr"], "s_per_iter": s_per_iter,
                            **{k: v / max(n_running, 1) for k, v in running.items()}}
+                    if row_metrics is not None:
+                        row.update(row_metrics())
                     if evaluate and eval_fn is not None:
                         metrics = eval_fn(step, model) or {}
                         model.train()

@@ -184,13 +184,15 @@ def _decode_on_device(rows: list[dict], device) -> list[tuple]:
 
 
 def decode_batch(batch: dict, classes: list[str], keep_errors: bool = True,
-                 keys: set[str] | None = None, labelled: bool = True, device: str | None = None) -> dict:
+                 keys: set[str] | None = None, labelled: bool = True, device: str | None = None,
+                 exclude_keys: set[str] | None = None) -> dict:
     """Decode step: raw rows → images (HWC uint8) with validated labels and boxes.
 
     A bad sample becomes a row with a non-empty ``error`` (``"<kind>: detail"``) and a
     1×1 placeholder image, so that consumers can count it per shard; with
     ``keep_errors=False`` it is dropped instead (training). ``keys`` keeps only the
-    listed sample keys (k-shot splits). ``labelled=False`` decodes images without
+    listed sample keys (k-shot splits), ``exclude_keys`` drops the listed ones (the
+    unlabelled stream of a corpus whose split is labelled). ``labelled=False`` decodes images without
     annotations (image folders): no labels, no boxes. ``device`` (``"cpu"``, ``"cuda"``)
     decodes with ``decode_images`` there, batched; then images are numpy arrays on the
     CPU and HWC tensor views on a GPU (for an actor that computes there). ``None``: PIL,
@@ -204,7 +206,8 @@ def decode_batch(batch: dict, classes: list[str], keep_errors: bool = True,
     """
     out: dict[str, list] = {k: [] for k in ("key", "shard", "image", "labels", "boxes", "box_labels", "error")}
     rows = [{k: batch[k][i] for k in RAW_COLUMNS} for i in range(len(batch["key"]))]
-    rows = [r for r in rows if keys is None or r["key"] in keys or r["error"]]
+    rows = [r for r in rows if r["error"] or ((keys is None or r["key"] in keys)
+                                              and (exclude_keys is None or r["key"] not in exclude_keys))]
     decoded = _decode_on_device(rows, device) if device is not None else None
     for i, raw in enumerate(rows):
         try:
@@ -259,11 +262,13 @@ class DecodingActor:
 
 
 def decoded_corpus(corpus_uri: str, keep_errors: bool = True, keys: set[str] | None = None,
-                   shards: list[str] | None = None, batch_size: int = 32, shuffle: bool = False):
+                   shards: list[str] | None = None, batch_size: int = 32, shuffle: bool = False,
+                   exclude_keys: set[str] | None = None):
     """``read_corpus`` followed by the CPU decode stage, as one Ray Dataset."""
     classes = load_manifest(corpus_uri).classes
     return read_corpus(corpus_uri, shards=shards, shuffle=shuffle).map_batches(
-        decode_batch, fn_kwargs={"classes": classes, "keep_errors": keep_errors, "keys": keys},
+        decode_batch, fn_kwargs={"classes": classes, "keep_errors": keep_errors, "keys": keys,
+                                 "exclude_keys": exclude_keys},
         batch_size=batch_size, batch_format="numpy", num_cpus=1,
     )
 

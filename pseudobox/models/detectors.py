@@ -1,7 +1,7 @@
-"""Detector builders: torchvision Faster R-CNN / RetinaNet on a ResNet-FPN of any depth.
+"""Detector builders: torchvision Faster R-CNN / RetinaNet / FCOS on a ResNet-FPN of any depth.
 
-Built the way torchvision's own ``fasterrcnn_resnet50_fpn`` / ``retinanet_resnet50_fpn``
-are, but for any ResNet depth and with our initialisation paths:
+Built the way torchvision's own ``fasterrcnn_resnet50_fpn`` / ``retinanet_resnet50_fpn`` /
+``fcos_resnet50_fpn`` are, but for any ResNet depth and with our initialisation paths:
 
 * ``init_backbone_from_classifier``: DAP pre-training and the CLS baseline start the
   backbone from the step-1 classifier; FPN and heads start random.
@@ -12,17 +12,18 @@ are, but for any ResNet depth and with our initialisation paths:
 Both report the weights the checkpoint did not provide and refuse a checkpoint that
 lacks any backbone weight.
 
-Detector label = class index + 1 (0 is background for Faster R-CNN; RetinaNet simply
-never predicts it). ``predict`` maps outputs back to class indices.
+Detector label = class index + 1 (0 is background for Faster R-CNN; RetinaNet and FCOS
+never train slot 0). ``predict`` maps outputs back to class indices.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -33,11 +34,12 @@ from pseudobox.models.classifier import IMAGENET_MEAN, IMAGENET_STD, build_resne
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("faster_rcnn", "retinanet")
+DETECTORS = ("faster_rcnn", "retinanet", "fcos")
 # Parameters whose meaning (and shape) depends on the classes, per detector: output k is class k.
 CLASS_DEPENDENT = {
     "faster_rcnn": ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred."),
     "retinanet": ("head.classification_head.cls_logits.",),
+    "fcos": ("head.classification_head.cls_logits.",),
 }
 
 
@@ -83,9 +85,11 @@ def build_detector(arch: DetectorArch, num_classes: int) -> nn.Module:
                            rpn_post_nms_top_n_train=arch.rpn_post_nms_top_n_train,
                            box_batch_size_per_image=arch.box_batch_size_per_image, **common)
     else:
+        # P3-P7, P6 from P5 (256 channels at any depth), as torchvision's retinanet / fcos builders.
         backbone = _resnet_fpn_extractor(resnet, trainable, returned_layers=[2, 3, 4],
                                          extra_blocks=LastLevelP6P7(256, 256))
-        model = RetinaNet(backbone, num_classes=num_classes + 1, score_thresh=arch.score_thresh,
+        one_stage = RetinaNet if arch.detector == "retinanet" else FCOS
+        model = one_stage(backbone, num_classes=num_classes + 1, score_thresh=arch.score_thresh,
                           detections_per_img=arch.detections_per_image, **common)
     return keep_box_math_fp32(model)
 
@@ -108,7 +112,8 @@ def _fp32_output_hook(module, inputs, output):
 # The modules whose outputs feed box math: FPN features (anchors take their dtype, RoI
 # pooling reads them), the heads' scores and box deltas (box coding, NMS, the losses).
 FP32_OUTPUTS = {"faster_rcnn": ("backbone", "rpn.head", "roi_heads.box_predictor"),
-                "retinanet": ("backbone", "head.classification_head", "head.regression_head")}
+                "retinanet": ("backbone", "head.classification_head", "head.regression_head"),
+                "fcos": ("backbone", "head.classification_head", "head.regression_head")}
 
 
 def keep_box_math_fp32(model: nn.Module) -> nn.Module:
@@ -118,7 +123,8 @@ def keep_box_math_fp32(model: nn.Module) -> nn.Module:
     bf16 forward builds bf16 anchors (8 significant bits: 2 px steps at 300 px) and bf16
     regression targets. Forward hooks cast the ``FP32_OUTPUTS`` modules' outputs to fp32
     (a no-op outside autocast); parameter names and checkpoints are unchanged."""
-    kind = "faster_rcnn" if isinstance(model, FasterRCNN) else "retinanet"
+    kinds = {FasterRCNN: "faster_rcnn", RetinaNet: "retinanet", FCOS: "fcos"}
+    kind = next(k for cls, k in kinds.items() if isinstance(model, cls))
     for name in FP32_OUTPUTS[kind]:
         model.get_submodule(name).register_forward_hook(_fp32_output_hook)
     return model
@@ -254,7 +260,132 @@ def predict(model: nn.Module, images: list[torch.Tensor]) -> list[dict]:
     """Eval-mode detections per image: boxes xyxy pixels, scores, class indices (0-based)."""
     model.eval()
     outs = model(images)
-    # RetinaNet scores the (never trained) background slot 0 too: drop it.
+    # RetinaNet and FCOS score the (never trained) background slot 0 too: drop it.
     keep = [o["labels"] > 0 for o in outs]
     return [{"boxes": o["boxes"][k].float().cpu(), "scores": o["scores"][k].float().cpu(),
              "labels": (o["labels"][k] - 1).cpu()} for o, k in zip(outs, keep)]
+
+
+# ---------------------------------------------------------------- FCOS raw outputs (dense teachers)
+
+@dataclass
+class FcosRaw:
+    """FCOS's dense head outputs for a batch, before any loss or post-processing.
+
+    Positions are all FPN levels of all images: ``A = sum(num_anchors_per_level)`` per image,
+    levels in order P3..P7, row-major within a level. ``cls_logits`` has ``num_classes + 1``
+    columns, column 0 being the never-trained background slot (detector label = class + 1).
+    Everything is in the frame of the transformed (resized, padded) batch; ``targets`` are
+    the given targets resized into that frame (or None).
+    """
+
+    cls_logits: torch.Tensor       # [N, A, K+1] raw logits
+    bbox_regression: torch.Tensor  # [N, A, 4] ltrb distances / anchor (= stride) size, >= 0
+    bbox_ctrness: torch.Tensor     # [N, A, 1] raw centerness logits
+    anchors: list[torch.Tensor]    # per image [A, 4] xyxy: one stride-sized square per position
+    num_anchors_per_level: list[int]
+    image_sizes: list[tuple[int, int]]     # (h, w) of each resized image inside the padded batch
+    original_sizes: list[tuple[int, int]]  # (h, w) of each input image
+    targets: list[dict] | None = None
+    box_coder: BoxLinearCoder = field(default_factory=lambda: BoxLinearCoder(normalize_by_size=True), repr=False)
+
+    def decode_boxes(self) -> torch.Tensor:
+        """[N, A, 4] xyxy boxes (transformed frame) from the ltrb regressions, as FCOS decodes them."""
+        return self.box_coder.decode(self.bbox_regression, torch.stack(self.anchors))
+
+
+def fcos_raw_outputs(model: FCOS, images: list[torch.Tensor], targets: list[dict] | None = None) -> FcosRaw:
+    """Run an FCOS model's transform, backbone, head and anchor generator exactly as
+    ``FCOS.forward`` does, returning the raw head outputs instead of losses or detections.
+
+    Works in train or eval mode (only the transform's size choice differs: a random
+    ``min_size`` in training, the last one in eval). Two calls on images of the same sizes
+    with the same resize give the same positions and anchors, which dense teacher-student
+    losses rely on. ``targets`` are as for ``model(images, targets)`` (detector labels, i.e.
+    class index + 1) and come back resized into the batch's frame; ``fcos_supervised_losses``
+    turns them into torchvision's FCOS losses without a second forward.
+    """
+    original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    batch, targets = model.transform(images, targets)
+    features = model.backbone(batch.tensors)
+    features = list(features.values()) if isinstance(features, dict) else [features]
+    head = model.head(features)
+    anchors = model.anchor_generator(batch, features)
+    return FcosRaw(cls_logits=head["cls_logits"], bbox_regression=head["bbox_regression"],
+                   bbox_ctrness=head["bbox_ctrness"], anchors=anchors,
+                   num_anchors_per_level=[f.shape[-2] * f.shape[-1] for f in features],
+                   image_sizes=list(batch.image_sizes), original_sizes=original_sizes, targets=targets,
+                   box_coder=model.box_coder)
+
+
+def fcos_supervised_losses(model: FCOS, raw: FcosRaw) -> dict:
+    """torchvision's FCOS training losses (focal classification, GIoU, centerness BCE) on
+    raw outputs computed with targets: the same numbers ``model(images, targets)`` gives."""
+    if raw.targets is None:
+        raise ValueError("fcos_supervised_losses needs raw outputs computed with targets")
+    head = {"cls_logits": raw.cls_logits, "bbox_regression": raw.bbox_regression, "bbox_ctrness": raw.bbox_ctrness}
+    return model.compute_loss(raw.targets, head, raw.anchors, raw.num_anchors_per_level)
+
+
+# --------------------------------------------------------------------------- raw outputs for methods
+
+def is_faster_rcnn(model: nn.Module) -> bool:
+    """Whether ``model`` (possibly DDP- and ``DetectorForward``-wrapped) is a Faster R-CNN."""
+    model = model.module if hasattr(model, "module") else model
+    model = model.detector if isinstance(model, DetectorForward) else model
+    return isinstance(model, FasterRCNN)
+
+
+@dataclass
+class FasterRcnnRaw:
+    """Faster R-CNN's training outputs before its losses: what a method needs to replace the
+    RoI classifier's loss (Unbiased Teacher's focal loss) or to drop terms.
+
+    ``rpn_losses``: torchvision's ``loss_objectness`` and ``loss_rpn_box_reg``; the RoI head's
+    ``class_logits [R, K+1]``, ``box_regression [R, 4(K+1)]`` over the R sampled RoIs of all
+    images, with their ``labels [R]`` (0 = background) and ``regression_targets [R, 4]``."""
+
+    rpn_losses: dict
+    class_logits: torch.Tensor
+    box_regression: torch.Tensor
+    labels: torch.Tensor
+    regression_targets: torch.Tensor
+
+
+def faster_rcnn_train_outputs(model: nn.Module, images: list[torch.Tensor], targets: list[dict]) -> FasterRcnnRaw:
+    """Torchvision's ``GeneralizedRCNN.forward`` in training, stopped before ``fastrcnn_loss``:
+    the same transform, backbone, RPN (with its losses), RoI sampling, pooling and box head."""
+    images, targets = model.transform(images, targets)
+    features = model.backbone(images.tensors)
+    proposals, rpn_losses = model.rpn(images, features, targets)
+    heads = model.roi_heads
+    proposals, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
+    box_features = heads.box_head(heads.box_roi_pool(features, proposals, images.image_sizes))
+    class_logits, box_regression = heads.box_predictor(box_features)
+    return FasterRcnnRaw(rpn_losses, class_logits, box_regression, torch.cat(labels), torch.cat(regression_targets))
+
+
+class DetectorForward(nn.Module):
+    """The module DDP wraps in the semi-supervised stage: the detector, with a choice of
+    forward. Methods that need raw outputs must still go through DDP's forward (its
+    gradient hooks are armed there), so the choice is an argument, not a side door:
+
+    * ``outputs="losses"``: torchvision's own (training: loss dict; eval: detections);
+    * ``"faster_rcnn_raw"``: ``faster_rcnn_train_outputs``;
+    * ``"fcos_raw"``: ``fcos_raw_outputs``.
+
+    Its ``state_dict`` keys carry a ``detector.`` prefix; checkpoints store
+    ``.detector.state_dict()``."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None, outputs: str = "losses"):
+        if outputs == "losses":
+            return self.detector(images, targets)
+        if outputs == "faster_rcnn_raw":
+            return faster_rcnn_train_outputs(self.detector, images, targets)
+        if outputs == "fcos_raw":
+            return fcos_raw_outputs(self.detector, images, targets)
+        raise ValueError(f"outputs must be losses, faster_rcnn_raw or fcos_raw, got {outputs!r}")

@@ -6,6 +6,11 @@ Initialisation, by ``init``:
   * ``classifier``: the CLS baseline, backbone only;
   * ``random``.
 Training data is a detection corpus, optionally restricted to a split file (k-shot).
+With ``pseudo_boxes`` (a ``mine source=teacher`` output; offline self-training, DAP
+Table 9) the images it mined are trained on too, with their teacher boxes: on the
+training corpus itself, the split's labeled keys keep their ground truth and every other
+image takes its mined boxes (a split is then required); mined from another corpus (VOC
+style set B), those images are added to the labeled ones.
 After training, the driver evaluates on ``eval_corpus`` and writes ``metrics.json``.
 With ``eval_every`` N, rank 0 also evaluates on ``eval_corpus`` every N steps during
 training (history rows ``eval/<metric>``, TensorBoard) and keeps the best weights by
@@ -38,6 +43,7 @@ APPLIABLE = TRAINING_APPLIABLE + ("eval_corpus", "cache_dataset", "eval_every")
 class FinetuneConfig:
     corpus: str = path_field()
     split: str = path_field()        # optional JSON with "keys" (see `pseudobox split`)
+    pseudo_boxes: str = path_field()  # optional `mine source=teacher` output: self-training on its boxes
     init: str = "detector"
     checkpoint: str = path_field()   # the pre-trained detector or the classifier, by `init`
     output: str = path_field()
@@ -72,6 +78,8 @@ class FinetuneConfig:
         manifest = load_manifest(self.corpus)
         if self.split:
             storage.check_readable(self.split, "split")
+        if self.pseudo_boxes:
+            self.check_pseudo_boxes(manifest.classes)
         if self.eval_corpus:
             storage.check_readable(self.eval_corpus, "eval_corpus")
             # The detector learns the training corpus's classes; evaluation reads them by index.
@@ -79,19 +87,71 @@ class FinetuneConfig:
                                f"eval_corpus {self.eval_corpus}", f"the training corpus {self.corpus}",
                                "Evaluate on a corpus of the training classes (same names, same order), "
                                "or leave eval_corpus empty.", labels=("eval_corpus", "corpus"))
-        if self.init != "random":
-            ckpt = load_checkpoint(self.checkpoint, expect_type=self.init)
-            arch = ckpt["arch"]
-            require(arch.get("depth") == self.model.depth,
-                    f"the {self.init} checkpoint is ResNet-{arch.get('depth')}; set model.depth={arch.get('depth')}")
-            if self.init == "detector":
-                require(arch.get("detector") == self.model.detector,
-                        f"the checkpoint is a {arch.get('detector')}; set model.detector={arch.get('detector')}")
-                if self.keep_class_layers:
-                    from pseudobox.models.detectors import check_keep_class_layers
+        ckpt = check_init_checkpoint(self.init, self.checkpoint, self.model)
+        if ckpt is not None and self.init == "detector" and self.keep_class_layers:
+            from pseudobox.models.detectors import check_keep_class_layers
 
-                    check_keep_class_layers(ckpt["class_names"], manifest.classes)
+            check_keep_class_layers(ckpt["class_names"], manifest.classes)
         storage.check_writable(self.output, "output")
+
+
+    def check_pseudo_boxes(self, classes: list[str]) -> None:
+        """``pseudo_boxes`` must be a finished mining run of this corpus's classes, with parts."""
+        from pseudobox.mining.outputs import done_shards
+
+        summary_uri = storage.join(self.pseudo_boxes, "mining.json")
+        require(storage.exists(summary_uri) and bool(done_shards(self.pseudo_boxes)),
+                f"pseudo_boxes: {self.pseudo_boxes} has no finished mining run (mining.json and parts/*.parquet); "
+                "run `pseudobox mine source=teacher` on the unlabeled images first")
+        summary = storage.read_json(summary_uri)
+        check_same_classes(summary.get("classes") or [], classes, f"the pseudo-boxes {self.pseudo_boxes}",
+                           f"the training corpus {self.corpus}", "Mine with a detector of the training classes.",
+                           labels=("pseudo_boxes", "corpus"))
+        mined_corpus = summary.get("corpus", "")
+        require(not same_uri(mined_corpus, self.corpus) or bool(self.split),
+                f"pseudo_boxes were mined from the training corpus {self.corpus}: set split=FILE, whose keys keep "
+                "their ground truth (without a split every image is labeled and no pseudo-box is used)")
+        storage.check_readable(mined_corpus, f"the corpus pseudo_boxes were mined from ({summary_uri})")
+
+
+def same_uri(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def training_dataset(cfg: FinetuneConfig, keys: set[str] | None):
+    """The training images: the corpus (its split's keys), plus with ``pseudo_boxes`` the
+    images that mining labeled (``mining.teacher.join_pseudo_boxes``)."""
+    from pseudobox.datasets.ray_io import decoded_corpus
+    from pseudobox.mining.teacher import join_pseudo_boxes
+
+    if not cfg.pseudo_boxes:
+        return decoded_corpus(cfg.corpus, keep_errors=False, keys=keys, shuffle=True).map_batches(
+            train_detector.drop_images_without_boxes, batch_format="numpy", num_cpus=1)
+    mined_corpus = storage.read_json(storage.join(cfg.pseudo_boxes, "mining.json"))["corpus"]
+    if same_uri(mined_corpus, cfg.corpus):  # one stream: labeled keys keep GT, the rest take mined boxes
+        return decoded_corpus(cfg.corpus, keep_errors=False, shuffle=True).map_batches(
+            join_pseudo_boxes, fn_kwargs={"boxes_uri": cfg.pseudo_boxes, "labeled_keys": frozenset(keys or ())},
+            batch_format="numpy", num_cpus=1)
+    labeled = decoded_corpus(cfg.corpus, keep_errors=False, keys=keys, shuffle=True).map_batches(
+        train_detector.drop_images_without_boxes, batch_format="numpy", num_cpus=1)
+    pseudo = decoded_corpus(mined_corpus, keep_errors=False, shuffle=True).map_batches(
+        join_pseudo_boxes, fn_kwargs={"boxes_uri": cfg.pseudo_boxes}, batch_format="numpy", num_cpus=1)
+    return labeled.union(pseudo)
+
+
+def check_init_checkpoint(init: str, checkpoint: str, model: DetectorArch) -> dict | None:
+    """The ``init`` checkpoint (None for random), refused before Ray unless it fits ``model``:
+    the same ResNet depth, and for a detector the same detector kind."""
+    if init == "random":
+        return None
+    ckpt = load_checkpoint(checkpoint, expect_type=init)
+    arch = ckpt["arch"]
+    require(arch.get("depth") == model.depth,
+            f"the {init} checkpoint is ResNet-{arch.get('depth')}; set model.depth={arch.get('depth')}")
+    require(init != "detector" or arch.get("detector") == model.detector,
+            f"the checkpoint is a {arch.get('detector')} and this run builds a {model.detector}: set "
+            f"model.detector={arch.get('detector')}, or start from init=classifier")
+    return ckpt
 
 
 def last_step_metrics(ckpt: dict) -> dict | None:
@@ -107,7 +167,6 @@ def last_step_metrics(ckpt: dict) -> dict | None:
 
 def run(cfg: FinetuneConfig) -> dict:
     from pseudobox.datasets.corpus import load_manifest
-    from pseudobox.datasets.ray_io import decoded_corpus
 
     cfg.check_paths()
     check_same_run(cfg.output, run_fingerprint("finetune", cfg), appliable=APPLIABLE,
@@ -115,9 +174,8 @@ def run(cfg: FinetuneConfig) -> dict:
     manifest = load_manifest(cfg.corpus)
     keys = evaluate.read_split_keys(cfg.split) if cfg.split else None
     init_ray(cfg.ray)
-    ds = decoded_corpus(cfg.corpus, keep_errors=False, keys=keys, shuffle=True).map_batches(
-        train_detector.drop_images_without_boxes, batch_format="numpy", num_cpus=1)
-    if cfg.cache_dataset:
+    ds = training_dataset(cfg, keys)
+    if cfg.cache_dataset and not cfg.pseudo_boxes:  # an unlabeled corpus streams: too big to cache
         ds = ds.materialize()
         log.info("finetune: %d training images", ds.count())
     init = {cfg.init: cfg.checkpoint} if cfg.init != "random" else {}

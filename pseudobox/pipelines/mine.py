@@ -1,5 +1,9 @@
 """Stage ``mine``: pseudo-boxes for every corpus image on a Ray Data actor pool.
 
+``source=cam`` (DAP step 2): CAM boxes from a classifier checkpoint. ``source=teacher``
+(offline self-training, DAP Table 9): a trained detector's boxes with flip TTA, kept at
+score ≥ ``teacher.score_threshold`` or the top box of each image (``mining/teacher.py``).
+
 read shards (light tasks) → decode + box source in one autoscaling actor pool (one GPU
 per actor when the cluster has GPUs; JPEGs decoded on it) → one parquet part per shard,
 written by the driver as each shard completes. Re-running skips shards whose part exists; its
@@ -13,12 +17,13 @@ from dataclasses import dataclass, field
 from pseudobox import storage
 from pseudobox.config import path_field, require, to_dict
 from pseudobox.mining import outputs
+from pseudobox.mining.teacher import TeacherMiningConfig
 from pseudobox.pipelines.common import (
     RayConfig, check_same_classes, check_same_run, config_defaults, init_ray, log, resolve_use_gpu, run_fingerprint,
     run_shard_pool, validate_actor_pool,
 )
 
-SOURCES = ("cam",)
+SOURCES = ("cam", "teacher")
 # Settings a re-submission may change (they only place and group the work, never change a
 # box); every other one must equal run.json's, since finished shards are kept.
 APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "cpus_per_actor", "export_coco", "ray")
@@ -55,7 +60,8 @@ class MineConfig:
     checkpoint: str = path_field()
     output: str = path_field()
     source: str = "cam"
-    cam: CamConfig = field(default_factory=CamConfig)
+    cam: CamConfig = field(default_factory=CamConfig)              # source=cam
+    teacher: TeacherMiningConfig = field(default_factory=TeacherMiningConfig)  # source=teacher
     batch_size: int = 16
     min_actors: int = 1
     max_actors: int = 2
@@ -70,6 +76,7 @@ class MineConfig:
         require(self.source in SOURCES, f"source must be one of {SOURCES}, got {self.source!r}")
         validate_actor_pool(self)
         self.cam.validate()
+        self.teacher.validate()
         self.ray.validate()
 
     def check_paths(self) -> None:
@@ -80,6 +87,13 @@ class MineConfig:
 
         storage.check_readable(self.corpus, "corpus")
         manifest = load_manifest(self.corpus)
+        if self.source == "teacher":  # a trained detector labels the corpus's classes
+            ckpt = load_checkpoint(self.checkpoint, expect_type="detector")
+            check_same_classes(ckpt["class_names"], manifest.classes, f"the detector {self.checkpoint}",
+                               f"the corpus {self.corpus} (corpus.json 'classes')",
+                               "Mine with a detector fine-tuned on this corpus's classes (finetune ...).")
+            storage.check_writable(self.output, "output")
+            return
         ckpt = load_checkpoint(self.checkpoint, expect_type="classifier")
         # Box labels are the classifier's class indices, written as the corpus's names.
         check_same_classes(ckpt["class_names"], manifest.classes, f"the classifier {self.checkpoint}",
@@ -94,6 +108,7 @@ def run(cfg: MineConfig) -> dict:
     from pseudobox.datasets import ray_io
     from pseudobox.datasets.corpus import load_manifest
     from pseudobox.mining.cam import CamBoxMiner
+    from pseudobox.mining.teacher import TeacherBoxMiner
 
     cfg.check_paths()
     manifest = load_manifest(cfg.corpus)
@@ -114,9 +129,11 @@ def run(cfg: MineConfig) -> dict:
                "thresholds": cfg.cam.thresholds, "nms_iou": cfg.cam.nms_iou,
                "min_component_ratio": cfg.cam.min_component_ratio, "max_components": cfg.cam.max_components,
                "min_side": cfg.cam.min_side, "precision": cfg.cam.precision}
+        actor, kwargs = (TeacherBoxMiner, cfg.teacher.actor_kwargs(cfg.checkpoint)) if cfg.source == "teacher" \
+            else (CamBoxMiner, cam)
         expected = {s.name: s.num_samples for s in manifest.shards}
         writer = outputs.ShardPartWriter(cfg.output, expected, cfg.source)
-        run_shard_pool(ds, CamBoxMiner, cam, cfg, use_gpu, writer, "mine", {s: expected[s] for s in pending},
+        run_shard_pool(ds, actor, kwargs, cfg, use_gpu, writer, "mine", {s: expected[s] for s in pending},
                        decode={"classes": manifest.classes})
     summary = outputs.summarize(outputs.load_reports(cfg.output))
     summary.update({"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source,

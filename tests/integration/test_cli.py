@@ -58,7 +58,7 @@ def test_checkpoint_of_the_wrong_kind(capsys, tmp_path):
     from tests.conftest import make_classifier_checkpoint, make_corpus
 
     corpus = str(tmp_path / "corpus")
-    manifest = make_corpus(corpus, num_images=4, size=48, samples_per_shard=4, style="detection", classes="downstream")
+    make_corpus(corpus, num_images=4, size=48, samples_per_shard=4, style="detection", classes="downstream")
     ckpt = make_classifier_checkpoint(str(tmp_path / "cls.pt"), ["a", "b"])
     code, err = run(["finetune", f"corpus={corpus}", "init=detector", f"checkpoint={ckpt}", f"output={tmp_path}/ft",
                      "model.depth=18"], capsys)
