@@ -27,6 +27,7 @@ RAY_CHATTER = re.compile("|".join([
     r"Moving model to device: ",
     r"Wrapping provided model in DistributedDataParallel",
     r"Reporting training result \d+: TrainingReport\(",
+    r"Checkpoint successfully created at: Checkpoint\(",  # Ray Train, every checkpoint, every rank 0
     # Ray Data passes actor constructor arguments by reference and Ray's core logs this at
     # error level for every such actor; it is advice for Ray's developers, not a failure.
     r"has constructor arguments in the object store and max_restarts > 0",

@@ -58,10 +58,20 @@ def local_cpus() -> int:
     return max(1, min(usable, physical))
 
 
+_STARTED_LOCAL_RAY = False
+
+
+def started_local_ray() -> bool:
+    """Whether this process started its own local Ray instance (no cluster address): then
+    the CPUs Ray has are all it will ever have (no autoscaler adds nodes)."""
+    return _STARTED_LOCAL_RAY
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Start or join Ray; unless verbose, Ray's console chatter is reduced to errors."""
     import ray
 
+    global _STARTED_LOCAL_RAY
     verbose = is_verbose()
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS", "")
@@ -79,6 +89,7 @@ def init_ray(cfg: RayConfig) -> None:
             ray.init(num_cpus=cfg.num_cpus or local_cpus(), include_dashboard=True, dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1",
                      object_store_memory=cfg.object_store_mb * 1024 * 1024, **quiet)
+            _STARTED_LOCAL_RAY = True
     if not verbose:
         hide_ray_warnings()
         quiet_worker_logs()  # Ray's chatter forwarded from its own actors (pseudobox/console.py)

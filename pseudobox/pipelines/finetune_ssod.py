@@ -300,8 +300,11 @@ def run(cfg: FinetuneSsodConfig) -> dict:
                                                keys=unlabelled_keys, exclude_keys=excluded, shuffle=True)
     init = {cfg.init: cfg.checkpoint} if cfg.init != "random" else {}
     optim = trainer.scaled_optim(cfg.optim, cfg.workers, "finetune-ssod")
-    log.info("finetune-ssod: method %s on %s, %d unlabelled per labelled image, burn-in %d steps",
-             cfg.method, cfg.model.detector, cfg.ssod.unlabeled_ratio, cfg.ssod.burn_in_iters)
+    if method.uses_teacher:
+        log.info("finetune-ssod: method %s on %s, %d unlabelled per labelled image, burn-in %d steps",
+                 cfg.method, cfg.model.detector, cfg.ssod.unlabeled_ratio, cfg.ssod.burn_in_iters)
+    else:
+        log.info("finetune-ssod: method supervised on %s: labelled images only", cfg.model.detector)
     loop_config = {"arch": to_dict(cfg.model), "optim": to_dict(optim), "ssod": to_dict(cfg.ssod),
                    "class_names": manifest.classes, "init": init, "method": cfg.method, "seed": cfg.seed,
                    "config": to_dict(cfg), "tensorboard": trainer.tensorboard_uri(cfg.output)}

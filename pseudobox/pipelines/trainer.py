@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from pseudobox import storage
-from pseudobox.config import require
+from pseudobox.config import ConfigError, require
 from pseudobox.engine import OptimConfig, lr_scaling_note, scaled_lr
 from pseudobox.models.checkpoint import MODEL_FILE, read_checkpoint_file, save_checkpoint
-from pseudobox.pipelines.common import log, resolve_use_gpu
+from pseudobox.pipelines.common import log, resolve_use_gpu, started_local_ray
 
 
 @dataclass
@@ -65,11 +65,35 @@ def scaled_optim(optim: OptimConfig, workers: WorkersConfig, stage: str) -> Opti
     return dataclasses.replace(optim, lr=scaled_lr(optim.lr, optim.reference_batch, total))
 
 
+def check_room_for_data(workers: WorkersConfig, datasets: dict) -> None:
+    """A dataset that streams during training needs Ray Data tasks (read, decode) running
+    beside the workers. If the workers reserve every CPU of a local Ray instance, those
+    tasks never start and training waits forever: refuse that before starting, naming the
+    settings to change. On a cluster (which may autoscale) it is a warning."""
+    import ray
+    from ray.data.dataset import MaterializedDataset
+
+    if all(isinstance(ds, MaterializedDataset) for ds in datasets.values()):
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    reserved = workers.num_workers * workers.cpus_per_worker
+    if total - reserved >= 1:
+        return
+    message = (f"the {workers.num_workers} training worker(s) reserve {reserved:g} of Ray's {total:g} CPUs, which "
+               f"leaves none for the Ray Data tasks that stream the training data, so training would wait forever. "
+               f"Lower workers.num_workers or workers.cpus_per_worker, or give Ray more CPUs (ray.num_cpus for a "
+               f"local instance; logical CPUs may exceed the cores)")
+    if started_local_ray():
+        raise ConfigError(message)
+    log.warning("%s (unless the cluster autoscales)", message)
+
+
 def fit(worker_fn, loop_config: dict, output: str, workers: WorkersConfig, datasets: dict):
     """Run ``worker_fn(loop_config)`` on N Ray Train workers (DDP); returns the Result."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_room_for_data(workers, datasets)
     use_gpu = resolve_use_gpu(workers.use_gpu)
     loop_config = {**loop_config, "use_gpu": use_gpu, "threads": max(1, int(workers.cpus_per_worker))}
     trainer = TorchTrainer(

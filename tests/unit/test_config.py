@@ -304,9 +304,9 @@ SHIPPED = sorted(CONFIG_DIR.glob("imagenet-dap/*.yaml")) + sorted(CONFIG_DIR.glo
 
 def stage_class(path: pathlib.Path):
     """The config class of the stage a shipped YAML is for, by its file name."""
-    from pseudobox.pipelines import build_corpus, evaluate, finetune, split, train_classifier
+    from pseudobox.pipelines import build_corpus, evaluate, finetune, finetune_ssod, split, train_classifier
 
-    classes = {"build-corpus": build_corpus.BuildCorpusConfig, "train-classifier": TrainClassifierConfig,
+    classes = {"finetune-ssod": finetune_ssod.FinetuneSsodConfig, "build-corpus": build_corpus.BuildCorpusConfig, "train-classifier": TrainClassifierConfig,
                "mine": MineConfig, "pretrain": PretrainConfig, "split": split.SplitConfig,
                "finetune": finetune.FinetuneConfig, "evaluate": evaluate.EvaluateConfig,
                "build": build_corpus.BuildCorpusConfig}  # build-imagenet.yaml, build-voc07-test.yaml ...

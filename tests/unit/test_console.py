@@ -13,6 +13,7 @@ def test_ray_chatter_is_dropped_and_everything_else_kept():
         "  self.exclude_resources = exclude_resources",
         "[2026-11-29 08:22:19,174 E 16525 16556] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
         "and ID: 'b5' has constructor arguments in the object store and max_restarts > 0. If the arguments ...",
+        "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/w/ft/checkpoint_2026-11-29_11-08-06.97)",
         "pretrain  step 10/100  loss 1.2000  lr 0.01  5.0 img/s  ETA 1m00s",
         "Traceback (most recent call last):",
         "  File \"/x/pseudobox/engine.py\", line 10, in train_loop",
@@ -21,7 +22,7 @@ def test_ray_chatter_is_dropped_and_everything_else_kept():
         "  warnings.warn(...)",
     ]
     kept = console.drop_ray_chatter(lines)
-    assert kept == lines[7:]  # progress, the traceback and our own warning with its source line
+    assert kept == lines[8:]  # progress, the traceback and our own warning with its source line
 
 
 def test_the_printer_is_wrapped_once_and_filters_batches(monkeypatch):
