@@ -194,6 +194,30 @@ def init_backbone_from_classifier(model: nn.Module, classifier_ckpt: dict, arch:
     return {"copied": copied, "missing": missing}
 
 
+def init_backbone_from_detector(model: nn.Module, detector_ckpt: dict, arch: DetectorArch) -> dict:
+    """Load only the ResNet body of a detector checkpoint, of any detector kind: a DAP
+    Faster R-CNN pre-training starts an FCOS (``init=backbone``). FPN and heads start
+    random, since their layout differs between kinds. Every body weight must come from the
+    checkpoint (``CheckpointError`` otherwise). Returns ``{"copied", "missing"}``."""
+    src_depth = detector_ckpt["arch"].get("depth")
+    if src_depth != arch.depth:
+        raise CheckpointError(f"the detector checkpoint is ResNet-{src_depth}; set model.depth={src_depth}")
+    state = {k: v for k, v in detector_ckpt["model_state"].items() if k.startswith("backbone.body.")}
+
+    def same(k):
+        return k
+
+    copied, mismatched = _shape_compatible_copy(model, state, same)
+    if mismatched or copied == 0:
+        raise CheckpointError(f"the detector's ResNet does not fit the backbone: {copied} copied, "
+                              f"mismatched {mismatched[:3]}")
+    missing = _not_provided(model, state, same, scope="backbone.body.")
+    _refuse_missing_backbone(missing, "the detector checkpoint")
+    log.info("backbone from a %s checkpoint: %d tensors copied; FPN and heads start random",
+             detector_ckpt["arch"].get("detector"), copied)
+    return {"copied": copied, "missing": missing}
+
+
 def check_keep_class_layers(source_classes: list[str], class_names: list[str]) -> None:
     """Keeping the checkpoint's class layers is only meaningful for the very same classes,
     in the same order (output k is class k)."""

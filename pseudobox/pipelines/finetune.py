@@ -3,6 +3,8 @@
 Initialisation, by ``init``:
   * ``detector``: from a pre-training checkpoint; the class layers are always re-initialised,
     unless ``keep_class_layers`` and the checkpoint has the same class names in order;
+  * ``backbone``: the ResNet of a detector checkpoint of any kind (a Faster R-CNN DAP
+    pre-training for an FCOS or RetinaNet); FPN and heads start random;
   * ``classifier``: the CLS baseline, backbone only;
   * ``random``.
 Training data is a detection corpus, optionally restricted to a split file (k-shot).
@@ -31,7 +33,7 @@ from pseudobox.pipelines.common import (
     TRAINING_APPLIABLE, RayConfig, check_same_classes, check_same_run, config_defaults, init_ray, log, run_fingerprint,
 )
 
-INITS = ("detector", "classifier", "random")
+INITS = ("detector", "backbone", "classifier", "random")
 # What evaluate_detector returns that best_metric may name (percent, higher is better).
 EVAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "VOC_AP50", "VOC_AP50_07")
 # A re-submission may also change what happens after training (the evaluation set,
@@ -144,13 +146,13 @@ def check_init_checkpoint(init: str, checkpoint: str, model: DetectorArch) -> di
     the same ResNet depth, and for a detector the same detector kind."""
     if init == "random":
         return None
-    ckpt = load_checkpoint(checkpoint, expect_type=init)
+    ckpt = load_checkpoint(checkpoint, expect_type="detector" if init == "backbone" else init)
     arch = ckpt["arch"]
     require(arch.get("depth") == model.depth,
             f"the {init} checkpoint is ResNet-{arch.get('depth')}; set model.depth={arch.get('depth')}")
     require(init != "detector" or arch.get("detector") == model.detector,
             f"the checkpoint is a {arch.get('detector')} and this run builds a {model.detector}: set "
-            f"model.detector={arch.get('detector')}, or start from init=classifier")
+            f"model.detector={arch.get('detector')}, or take its ResNet only with init=backbone")
     return ckpt
 
 

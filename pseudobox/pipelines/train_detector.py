@@ -71,14 +71,19 @@ def initialise(model, arch: DetectorArch, init: dict, class_names: list[str] | N
     """Apply the stage's initialisation; returns a short description for the logs and the
     checkpoint (what was copied, re-initialised, and not provided by the checkpoint).
 
-    ``init``: ``{"detector": uri, "keep_class_layers": bool}``, ``{"classifier": uri}`` or
-    ``{}`` (random).
+    ``init``: ``{"detector": uri, "keep_class_layers": bool}``, ``{"backbone": uri}`` (the
+    ResNet of a detector of any kind), ``{"classifier": uri}`` or ``{}`` (random).
     """
     if init.get("detector"):
         info = transfer_detector_weights(model, load_checkpoint(init["detector"], expect_type="detector"), arch,
                                          class_names=class_names,
                                          keep_class_layers=bool(init.get("keep_class_layers", False)))
         return {"from": "detector", **info}
+    if init.get("backbone"):
+        from pseudobox.models.detectors import init_backbone_from_detector
+
+        info = init_backbone_from_detector(model, load_checkpoint(init["backbone"], expect_type="detector"), arch)
+        return {"from": "backbone", **info}
     if init.get("classifier"):
         info = init_backbone_from_classifier(model, load_checkpoint(init["classifier"], expect_type="classifier"), arch)
         return {"from": "classifier", **info}

@@ -195,3 +195,28 @@ def test_fcos_predict_returns_zero_based_labels_never_the_background_slot():
         assert (o["labels"] == 2).all(), o["labels"]
         assert (o["boxes"][:, 2] <= w).all() and (o["boxes"][:, 3] <= h).all()
         assert (o["scores"][:-1] >= o["scores"][1:]).all()
+
+
+def test_a_faster_rcnn_dap_checkpoint_initialises_the_fcos_backbone(tmp_path):
+    """init=backbone: the ResNet of a detector of another kind (DAP pre-trains Faster R-CNN)."""
+    from pseudobox.models.checkpoint import CheckpointError, save_checkpoint
+    from pseudobox.pipelines.train_detector import initialise
+
+    torch.manual_seed(3)
+    frcnn_arch = DetectorArch(detector="faster_rcnn", depth=18, min_size=(64,), max_size=128, test_size=64)
+    source = build_detector(frcnn_arch, 2)
+    uri = str(tmp_path / "dap.pt")
+    save_checkpoint(make_checkpoint("detector", {"detector": "faster_rcnn", "depth": 18}, ["x", "y"],
+                                    source.state_dict(), step=1), uri)
+    model = fcos()
+    fpn_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.fpn.")}
+    info = initialise(model, small_arch(), {"backbone": uri}, CLASSES)
+    assert info["from"] == "backbone" and info["missing"] == []
+    body = {k: v for k, v in source.state_dict().items() if k.startswith("backbone.body.")}
+    assert info["copied"] == len(body)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in body.items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in fpn_before.items())  # FPN stays fresh
+    deeper = make_checkpoint("detector", {"detector": "faster_rcnn", "depth": 50}, ["x"], {}, step=1)
+    save_checkpoint(deeper, str(tmp_path / "r50.pt"))
+    with pytest.raises(CheckpointError, match="model.depth=50"):
+        initialise(fcos(), small_arch(), {"backbone": str(tmp_path / "r50.pt")}, CLASSES)
