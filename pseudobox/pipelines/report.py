@@ -352,9 +352,10 @@ def training_sections(uri: str, ckpt: dict, settings: dict, metrics: dict | None
     settings = {**flatten(ckpt.get("config") or {}), **settings}
     keys = [k for k in history_keys(history) if k != STEP]
     per_class = _per_class_keys(keys, class_names)
-    loss_keys = [k for k in keys if k.startswith("loss")]
+    loss_keys = [k for k in keys if k.startswith(("loss", "sup_", "unsup_"))]  # finetune-ssod: sup_* / unsup_*
+    pseudo_keys = [k for k in keys if k.startswith("pseudo/") and k not in per_class]
     eval_keys = [k for k in keys if k not in (LR, SECONDS_PER_ITER) and k not in loss_keys and k not in per_class
-                 and not k.endswith("/images")]  # image counts are not curves
+                 and k not in pseudo_keys and not k.endswith("/images")]  # image counts are not curves
     steps = [row[STEP] for row in history if _is_number(row.get(STEP))]
     facts = [["model", f"{ckpt.get('model_type', '?')} {json.dumps(ckpt.get('arch', {}))}"],
              ["stage / method", f"{ckpt.get('stage', '?')} / {ckpt.get('method', '?')}"],
@@ -383,6 +384,9 @@ def training_sections(uri: str, ckpt: dict, settings: dict, metrics: dict | None
         out.append(("Evaluation during training", table([[k, _fmt(v)] for k, v in last.items()],
                                                         ["metric", "last value"])
                     + charts(svg_curves({k: loss_series(history, k)}, k, y_label=k) for k in eval_keys)))
+    if pseudo_keys:  # the teacher's pseudo-labels over time (finetune-ssod)
+        out.append(("Pseudo-labels", charts(svg_curves({k: loss_series(history, k)}, k, y_label=k)
+                                            for k in pseudo_keys)))
     columns = {}
     for row in history:  # the latest value of each per-class metric
         for col, values in per_class_columns(row, class_names).items():

@@ -106,6 +106,24 @@ def test_training_report_without_eval_has_no_per_class_table(tmp_path):
     assert "loss_box_reg" in page and "Per-class AP" not in page and "Evaluation" not in page
 
 
+def test_semi_supervised_run_shows_its_loss_terms_and_pseudo_label_curves(tmp_path):
+    out = str(tmp_path / "ssod")
+    history = [{"step": s, "lr": 0.01, "s_per_iter": 1.0, "loss": 1.0, "sup_classifier": 0.6, "unsup_classifier": 0.4,
+                "pseudo/precision": 0.5, "pseudo/recall": 0.25, "pseudo/per_image": 1.5,
+                **{f"pseudo/precision/{c}": 0.1 * i for i, c in enumerate(CLASSES)},
+                "eval/teacher/AP": float(s), "eval/student/AP": s / 2} for s in (10, 20)]
+    save_checkpoint(make_checkpoint("detector", {"detector": "faster_rcnn", "depth": 18}, CLASSES, {}, step=20,
+                                    history=history, stage="finetune-ssod", method="mean-teacher", config={}),
+                    storage.join(out, "model.pt"))
+    page = storage.read_bytes(report.run(report.ReportConfig(inputs=[out]))["output"]).decode()
+    losses = page[page.index("<h3>Losses</h3>"):page.index("<h3>Learning rate</h3>")]
+    assert "sup_classifier" in losses and "unsup_classifier" in losses
+    pseudo = page[page.index("<h3>Pseudo-labels</h3>"):]
+    assert "pseudo/precision" in pseudo and "pseudo/per_image" in pseudo
+    evaluation = page[page.index("<h3>Evaluation during training</h3>"):page.index("<h3>Pseudo-labels</h3>")]
+    assert "eval/teacher/AP" in evaluation and "eval/student/AP" in evaluation and "unsup_" not in evaluation
+
+
 def test_axis_ticks_are_round_values_covering_the_data():
     assert report.nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     ticks = report.nice_ticks(10, 95)
