@@ -283,11 +283,15 @@ def detector_images(images: list, device) -> list[torch.Tensor]:
 def predict(model: nn.Module, images: list[torch.Tensor]) -> list[dict]:
     """Eval-mode detections per image: boxes xyxy pixels, scores, class indices (0-based)."""
     model.eval()
-    outs = model(images)
-    # RetinaNet and FCOS score the (never trained) background slot 0 too: drop it.
+    return [{k: v.cpu() for k, v in d.items()} for d in foreground_detections(model(images))]
+
+
+def foreground_detections(outs: list[dict]) -> list[dict]:
+    """Torchvision detector outputs → ours, on their device: fp32 boxes and scores, 0-based
+    labels. RetinaNet and FCOS score the (never trained) background slot 0 too: dropped."""
     keep = [o["labels"] > 0 for o in outs]
-    return [{"boxes": o["boxes"][k].float().cpu(), "scores": o["scores"][k].float().cpu(),
-             "labels": (o["labels"][k] - 1).cpu()} for o, k in zip(outs, keep)]
+    return [{"boxes": o["boxes"][k].float(), "scores": o["scores"][k].float(), "labels": o["labels"][k] - 1}
+            for o, k in zip(outs, keep)]
 
 
 # ---------------------------------------------------------------- FCOS raw outputs (dense teachers)

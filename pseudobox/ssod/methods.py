@@ -112,13 +112,14 @@ def faster_rcnn_losses(raw, roi_cls_loss: str = "ce", gamma: float = 1.5) -> dic
 def teacher_detections(detector: torch.nn.Module, images: list[torch.Tensor]) -> list[dict]:
     """The teacher's post-processed detections (after NMS) on the images' device, labels
     0-based; RetinaNet/FCOS's never-trained background slot is dropped."""
-    outs = detector(images)
-    return [{"boxes": o["boxes"][o["labels"] > 0].float(), "scores": o["scores"][o["labels"] > 0].float(),
-             "labels": o["labels"][o["labels"] > 0] - 1} for o in outs]
+    from pseudobox.models.detectors import foreground_detections
+
+    return foreground_detections(detector(images))
 
 
 class Method:
-    """The interface; ``Supervised`` is the labelled-only baseline of every table."""
+    """The method interface, and itself ``supervised``: the labelled-only baseline of every
+    table (same views, schedule and supervised loss as the teacher-student methods)."""
 
     name = "supervised"
     detector: str | None = None  # None: any detector
@@ -243,10 +244,10 @@ def fcos_detections(detector, raw) -> list[dict]:
              "bbox_regression": list(raw.bbox_regression.split(raw.num_anchors_per_level, dim=1)),
              "bbox_ctrness": list(raw.bbox_ctrness.split(raw.num_anchors_per_level, dim=1))}
     anchors = [list(a.split(raw.num_anchors_per_level)) for a in raw.anchors]
+    from pseudobox.models.detectors import foreground_detections
+
     outs = detector.postprocess_detections(split, anchors, raw.image_sizes)
-    outs = detector.transform.postprocess(outs, raw.image_sizes, raw.original_sizes)
-    return [{"boxes": o["boxes"][o["labels"] > 0].float(), "scores": o["scores"][o["labels"] > 0].float(),
-             "labels": o["labels"][o["labels"] > 0] - 1} for o in outs]
+    return foreground_detections(detector.transform.postprocess(outs, raw.image_sizes, raw.original_sizes))
 
 
 class SemiSupervisedLoss:
