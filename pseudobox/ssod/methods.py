@@ -265,11 +265,13 @@ class SemiSupervisedLoss:
         self.step, self.generator, self.class_names = start_step, generator, list(class_names)
         self.monitor = PseudoLabelMonitor(len(class_names), window=self.cfg.monitor_window)
         self.ratios: deque = deque(maxlen=max(1, self.cfg.guard_window))
+        self.collapsed_steps = 0
 
     def __call__(self, student, batch) -> dict:
         images, targets = batch["labeled"]
         losses = {f"sup_{k.removeprefix('loss_')}": v
                   for k, v in self.method.supervised_losses(student, images, targets).items()}
+        self.check_box_regression(losses)
         weight = self.teacher.weight(self.step) * self.cfg.unsup_weight if self.teacher is not None else 0.0
         if weight > 0 and batch.get("unlabeled") is not None:
             weak, gt = batch["unlabeled"]
@@ -296,6 +298,22 @@ class SemiSupervisedLoss:
                     f"{mean:.1f} over the last {len(self.ratios)} steps (limit ssod.max_unsup_ratio="
                     f"{self.cfg.max_unsup_ratio:g}) at step {self.step}; lower ssod.unsup_weight or optim.lr, "
                     f"raise ssod.burn_in_iters or ssod.score_threshold")
+
+    def check_box_regression(self, sup: dict) -> None:
+        """Stop a run whose FCOS box branch has died: torchvision's FCOS puts its ltrb
+        regressions through a ReLU, and one large early step can push every output below 0.
+        Then every box has zero size, the GIoU loss is exactly 1 and no gradient revives it
+        (seen at lr 0.01 with 2 images per step). A teacher copied from such a student
+        would give only degenerate boxes."""
+        giou = sup.get("sup_bbox_regression")
+        if giou is None or not self.cfg.guard_window:
+            return
+        self.collapsed_steps = self.collapsed_steps + 1 if float(giou.detach()) >= 0.9999 else 0
+        if self.collapsed_steps >= self.cfg.guard_window:
+            raise FloatingPointError(
+                f"the box regression has collapsed: the supervised GIoU loss was 1.0 for {self.collapsed_steps} "
+                f"steps at step {self.step} (every ltrb output is 0 after FCOS's ReLU, so every box has zero "
+                f"size); lower optim.lr or raise optim.warmup_iters")
 
     def after_step(self, step: int, student) -> None:
         """After optimizer step ``step`` (steps completed): EMA teacher update, monitor window."""

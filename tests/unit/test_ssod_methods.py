@@ -189,3 +189,16 @@ def test_local_worker_checkpoints_student_teacher_and_resumes_them_exactly(tmp_p
     after = read_checkpoint_file(str(tmp_path / "model.pt"))
     assert after["resumes"] == [{"step": 3, "student": finetune_ssod.state_digest(saved["model_state"]),
                                  "teacher": finetune_ssod.state_digest(teacher_state)}]
+
+
+def test_a_dead_fcos_box_branch_stops_the_run(one_torch_thread):
+    student, teacher, loss = _setup("supervised", "fcos", guard_window=2)
+    head = student.detector.head.regression_head.bbox_reg
+    with torch.no_grad():  # what one large early step does: every ltrb output below 0, ReLU'd to 0
+        head.weight.zero_()
+        head.bias.fill_(-1.0)
+    student.train()
+    first = loss(student, _batch(with_unlabelled=False))
+    assert first["sup_bbox_regression"].item() == pytest.approx(1.0)
+    with pytest.raises(FloatingPointError, match="box regression has collapsed"):
+        loss(student, _batch(with_unlabelled=False))
