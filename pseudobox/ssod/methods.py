@@ -52,6 +52,7 @@ class SsodConfig:
     strong: StrongAugConfig = field(default_factory=StrongAugConfig)
     # mean-teacher (Faster R-CNN)
     score_threshold: float = 0.7      # pseudo-labels: teacher detections after NMS at or above it
+    teacher_proposals: int = 0        # RPN proposals the teacher's RoI head scores; 0: the test setting (1000)
     unsup_box_regression: bool = False  # Unbiased Teacher drops the unsupervised regression losses
     roi_cls_loss: str = "focal"       # RoI classifier loss, supervised and unsupervised: focal (UT) or ce
     focal_gamma: float = 1.5
@@ -72,6 +73,7 @@ class SsodConfig:
         require(self.unsup_ramp_iters >= 0, "ssod.unsup_ramp_iters must be >= 0")
         require(0.0 <= self.flip_prob <= 1.0, "ssod.flip_prob must be in [0, 1]")
         require(0.0 < self.score_threshold < 1.0, "ssod.score_threshold must be in (0, 1)")
+        require(self.teacher_proposals >= 0, "ssod.teacher_proposals must be >= 0 (0: the detector's test setting)")
         require(self.roi_cls_loss in ROI_CLS_LOSSES, f"ssod.roi_cls_loss must be one of {ROI_CLS_LOSSES}")
         require(self.focal_gamma >= 0, "ssod.focal_gamma must be >= 0")
         require(0.0 < self.region_ratio <= 1.0, "ssod.region_ratio must be in (0, 1]")
@@ -166,7 +168,8 @@ class MeanTeacher(Method):
         self.pseudo_filter = ScoreThresholdFilter(cfg.score_threshold)
 
     def unsupervised_losses(self, student, teacher, weak, generator, monitor, gt):
-        detections = teacher_detections(teacher, weak)
+        with teacher_proposals(teacher, self.cfg.teacher_proposals):
+            detections = teacher_detections(teacher, weak)
         pseudo = self.pseudo_filter(detections)
         monitor.update(pseudo, gt, raw_scores=torch.cat([d["scores"] for d in detections]))
         strong, geometries = zip(*(strong_view(im, self.cfg.strong, generator) for im in weak))
@@ -221,6 +224,23 @@ class DenseTeacher(Method):
 
 
 METHODS = {cls.name: cls for cls in (Method, MeanTeacher, DenseTeacher)}
+
+
+class teacher_proposals:
+    """Context: a Faster R-CNN scores ``count`` RPN proposals per image at inference (0: as
+    configured). The RoI head's cost is linear in it: at 1000 proposals it outweighs a
+    ResNet-18 backbone on small images many times over."""
+
+    def __init__(self, detector, count: int):
+        self.rpn, self.count = detector.rpn, count
+
+    def __enter__(self):
+        self.saved = dict(self.rpn._post_nms_top_n)
+        if self.count:
+            self.rpn._post_nms_top_n = {**self.saved, "testing": self.count}
+
+    def __exit__(self, *exc):
+        self.rpn._post_nms_top_n = self.saved
 
 
 class fixed_short_side:

@@ -202,3 +202,17 @@ def test_a_dead_fcos_box_branch_stops_the_run(one_torch_thread):
     assert first["sup_bbox_regression"].item() == pytest.approx(1.0)
     with pytest.raises(FloatingPointError, match="box regression has collapsed"):
         loss(student, _batch(with_unlabelled=False))
+
+
+def test_the_teacher_scores_as_many_proposals_as_asked_then_its_setting_returns(one_torch_thread):
+    from pseudobox.ssod.methods import teacher_proposals
+
+    detector = build_detector(_arch("faster_rcnn"), len(CLASSES)).eval()
+    seen = []
+    hook = detector.roi_heads.box_roi_pool.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    with teacher_proposals(detector, 7):
+        with torch.inference_mode():
+            detector(_images(2))
+    assert seen == [14]  # 7 proposals per image (random-init RPN proposes at least that many)
+    assert detector.rpn.post_nms_top_n() == 1000
+    hook.remove()
