@@ -357,11 +357,15 @@ def fcos_supervised_losses(model: FCOS, raw: FcosRaw) -> dict:
 
 # --------------------------------------------------------------------------- raw outputs for methods
 
+def inner_detector(model: nn.Module) -> nn.Module:
+    """The torchvision detector inside a DDP- and/or ``DetectorForward``-wrapped model."""
+    model = model.module if hasattr(model, "module") else model
+    return model.detector if isinstance(model, DetectorForward) else model
+
+
 def is_faster_rcnn(model: nn.Module) -> bool:
     """Whether ``model`` (possibly DDP- and ``DetectorForward``-wrapped) is a Faster R-CNN."""
-    model = model.module if hasattr(model, "module") else model
-    model = model.detector if isinstance(model, DetectorForward) else model
-    return isinstance(model, FasterRCNN)
+    return isinstance(inner_detector(model), FasterRCNN)
 
 
 @dataclass

@@ -166,8 +166,7 @@ def run_seed(cfg: BenchSsodConfig, w: str, seed: int, table: list) -> dict:
         t0 = time.time()
         out = finetune_ssod.run(ft)
         history = out.get("history") or []
-        record[name] = {"config": fingerprint, "metrics": out["metrics"][ft.export if arm[1] != "supervised"
-                                                                         else "student"],
+        record[name] = {"config": fingerprint, "metrics": out["metrics"][out["exported"]],
                         "seconds": round(time.time() - t0, 1),
                         "s_per_step": step_seconds(history, cfg.burn_in_iters),
                         "images_per_step": cfg.batch_size * cfg.num_workers * (

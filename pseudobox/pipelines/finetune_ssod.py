@@ -25,9 +25,11 @@ import torch
 
 from pseudobox import storage
 from pseudobox.config import from_dict, path_field, require, to_dict
-from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop, unwrap
+from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop
 from pseudobox.models.checkpoint import MODEL_FILE, make_checkpoint, save_checkpoint
-from pseudobox.models.detectors import DetectorArch, DetectorForward, build_detector, detector_images
+from pseudobox.models.detectors import (
+    DetectorArch, DetectorForward, build_detector, detector_images, inner_detector,
+)
 from pseudobox.pipelines import evaluate, train_detector, trainer
 from pseudobox.pipelines.common import (
     TRAINING_APPLIABLE, RayConfig, check_same_classes, check_same_run, config_defaults, init_ray, log, run_fingerprint,
@@ -173,11 +175,9 @@ def evaluate_both(corpus: str, class_names: list[str], test_size: int, device, t
     """eval_fn: COCO + VOC metrics of the student and the teacher (``student/<m>``, ``teacher/<m>``)."""
     def run(step: int, model) -> dict:
         metrics = {}
-        for name, module in (("student", model), ("teacher", teacher.module if teacher else None)):
-            if module is None:
-                continue
-            result = train_detector.evaluate_during_training(unwrap(module).detector if name == "student" else module,
-                                                             corpus, class_names, test_size, device)
+        models = {"student": inner_detector(model), **({"teacher": teacher.module} if teacher else {})}
+        for name, detector in models.items():
+            result = train_detector.evaluate_during_training(detector, corpus, class_names, test_size, device)
             metrics.update({f"{name}/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         if teacher is not None:
             teacher.module.eval()
@@ -256,9 +256,11 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
                       after_step=loss.after_step, row_metrics=loss.metrics)
 
 
-def export_models(result, output: str, export: str) -> dict:
+def export_models(result, output: str, export: str) -> tuple[dict, dict[str, str]]:
     """``model.pt`` = the chosen model (teacher or student), ``model_<other>.pt`` = the other;
-    plain detector checkpoints without optimizer or teacher-student state."""
+    plain detector checkpoints without optimizer or teacher-student state. ``supervised``
+    has no teacher: ``model.pt`` is its student, alone. Returns the chosen checkpoint and
+    ``{"teacher" | "student": uri}`` of the files written, ``model.pt``'s first."""
     import os
 
     from pseudobox.models.checkpoint import read_checkpoint_file
@@ -270,12 +272,16 @@ def export_models(result, output: str, export: str) -> dict:
     ssod_state = ckpt.pop("ssod_state", None) or {}
     for key in ("optimizer_state", "scheduler_state"):
         ckpt.pop(key, None)
+    weights = {"student": ckpt["model_state"]}
     teacher_state = (ssod_state.get("teacher") or {}).get("model_state")
-    weights = {"student": ckpt["model_state"], "teacher": teacher_state or ckpt["model_state"]}
-    other = "student" if export == "teacher" else "teacher"
-    for which, uri in ((export, storage.join(output, MODEL_FILE)), (other, storage.join(output, f"model_{other}.pt"))):
+    if teacher_state is not None:
+        weights["teacher"] = teacher_state
+    chosen = export if export in weights else "student"
+    files = {chosen: storage.join(output, MODEL_FILE)}
+    files.update({other: storage.join(output, f"model_{other}.pt") for other in weights if other != chosen})
+    for which, uri in files.items():
         save_checkpoint({**ckpt, "model_state": weights[which], "exported": which}, uri)
-    return {**ckpt, "model_state": weights[export], "exported": export}
+    return {**ckpt, "model_state": weights[chosen], "exported": chosen}, files
 
 
 def run(cfg: FinetuneSsodConfig) -> dict:
@@ -311,17 +317,11 @@ def run(cfg: FinetuneSsodConfig) -> dict:
     if cfg.eval_every:
         loop_config["eval"] = {"every": cfg.eval_every, "corpus": cfg.eval_corpus}
     result = trainer.fit(worker, loop_config, cfg.output, cfg.workers, datasets)
-    ckpt = export_models(result, cfg.output, cfg.export)
+    ckpt, files = export_models(result, cfg.output, cfg.export)
     if cfg.eval_corpus:
-        metrics = {}
-        for which, name in ((cfg.export, MODEL_FILE), ("student" if cfg.export == "teacher" else "teacher",
-                                                       f"model_{'student' if cfg.export == 'teacher' else 'teacher'}.pt")):
-            if which == "teacher" and not method.uses_teacher:
-                continue
-            metrics[which] = evaluate.run(evaluate.EvaluateConfig(
-                checkpoint=storage.join(cfg.output, name), corpus=cfg.eval_corpus,
-                output=storage.join(cfg.output, f"metrics_{which}.json")))
-        storage.write_json(storage.join(cfg.output, "metrics.json"), metrics[cfg.export] if cfg.export in metrics
-                           else metrics["student"])
+        metrics = {which: evaluate.run(evaluate.EvaluateConfig(
+            checkpoint=uri, corpus=cfg.eval_corpus, output=storage.join(cfg.output, f"metrics_{which}.json")))
+            for which, uri in files.items()}
+        storage.write_json(storage.join(cfg.output, "metrics.json"), metrics[ckpt["exported"]])
         ckpt["metrics"] = metrics
     return ckpt

@@ -144,7 +144,10 @@ class Method:
     def unsupervised_losses(self, student, teacher: torch.nn.Module, weak: list[torch.Tensor],
                             generator: torch.Generator, monitor: PseudoLabelMonitor,
                             gt: list[dict] | None) -> dict:
-        raise NotImplementedError
+        """A teacher-student method's loss terms on the weak views ``weak`` (unweighted; the
+        caller applies ``unsup_weight`` × ramp), after feeding ``monitor`` its pseudo-labels.
+        ``supervised`` has none (``uses_teacher`` False: it is never asked)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}
@@ -200,14 +203,18 @@ class DenseTeacher(Method):
     detector = "fcos"
     uses_teacher = True
 
+    def __init__(self, cfg: SsodConfig):
+        super().__init__(cfg)
+        self.monitor_filter = ScoreThresholdFilter(cfg.score_threshold)
+
     def unsupervised_losses(self, student, teacher, weak, generator, monitor, gt):
-        from pseudobox.models.detectors import fcos_raw_outputs
+        from pseudobox.models.detectors import fcos_raw_outputs, inner_detector
         from pseudobox.ssod.dense_teacher import dense_teacher_loss
 
-        module = student.module if hasattr(student, "module") else student
-        sizes = module.detector.transform.min_size
+        detector = inner_detector(student)
+        sizes = detector.transform.min_size
         size = sizes[int(torch.randint(len(sizes), (1,), generator=generator))]
-        with fixed_short_side(module.detector, size), fixed_short_side(teacher, size):
+        with fixed_short_side(detector, size), fixed_short_side(teacher, size):
             with torch.inference_mode():
                 teacher_raw = fcos_raw_outputs(teacher, weak)
                 detections = fcos_detections(teacher, teacher_raw)
@@ -217,10 +224,6 @@ class DenseTeacher(Method):
             strong = [strong_view(im, self.cfg.strong, generator)[0] for im in weak]
             student_raw = student(strong, outputs="fcos_raw")
         return dense_teacher_loss(student_raw, teacher_raw, ratio=self.cfg.region_ratio)
-
-    def __init__(self, cfg: SsodConfig):
-        super().__init__(cfg)
-        self.monitor_filter = ScoreThresholdFilter(cfg.score_threshold)
 
 
 METHODS = {cls.name: cls for cls in (Method, MeanTeacher, DenseTeacher)}
@@ -260,12 +263,12 @@ class fixed_short_side:
 def fcos_detections(detector, raw) -> list[dict]:
     """Post-processed FCOS detections from raw outputs (torchvision's own per-level
     post-processing and mapping back to the input frame), 0-based labels, background dropped."""
+    from pseudobox.models.detectors import foreground_detections
+
     split = {"cls_logits": list(raw.cls_logits.split(raw.num_anchors_per_level, dim=1)),
              "bbox_regression": list(raw.bbox_regression.split(raw.num_anchors_per_level, dim=1)),
              "bbox_ctrness": list(raw.bbox_ctrness.split(raw.num_anchors_per_level, dim=1))}
     anchors = [list(a.split(raw.num_anchors_per_level)) for a in raw.anchors]
-    from pseudobox.models.detectors import foreground_detections
-
     outs = detector.postprocess_detections(split, anchors, raw.image_sizes)
     return foreground_detections(detector.transform.postprocess(outs, raw.image_sizes, raw.original_sizes))
 
@@ -339,8 +342,9 @@ class SemiSupervisedLoss:
         """After optimizer step ``step`` (steps completed): EMA teacher update, monitor window."""
         self.step = step
         if self.teacher is not None:
-            inner = student.module if hasattr(student, "module") else student  # DDP
-            self.teacher.after_step(step, getattr(inner, "detector", inner))   # DetectorForward
+            from pseudobox.models.detectors import inner_detector
+
+            self.teacher.after_step(step, inner_detector(student))
             if self.teacher.active(step) and step % self.cfg.monitor_window == 0:
                 warning = self.monitor.warn_if_empty()
                 if warning:

@@ -20,6 +20,7 @@ import copy
 import torch
 
 from pseudobox.config import require
+from pseudobox.engine import unwrap
 
 
 @torch.no_grad()
@@ -28,7 +29,7 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: flo
     ``momentum · teacher + (1 − momentum) · student``; integer buffers (counters) are copied.
 
     The modules must have the same structure (``student`` may be DDP-wrapped)."""
-    student = student.module if hasattr(student, "module") else student
+    student = unwrap(student)
     t_state, s_state = teacher.state_dict(), student.state_dict()
     if t_state.keys() != s_state.keys():
         missing = sorted(set(s_state) ^ set(t_state))
@@ -43,7 +44,7 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: flo
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``model`` (unwrapped from DDP) in eval mode, without gradients."""
-    model = model.module if hasattr(model, "module") else model
+    model = unwrap(model)
     teacher = copy.deepcopy(model)
     teacher.eval()
     for p in teacher.parameters():

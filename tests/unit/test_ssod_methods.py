@@ -216,3 +216,30 @@ def test_the_teacher_scores_as_many_proposals_as_asked_then_its_setting_returns(
     assert seen == [14]  # 7 proposals per image (random-init RPN proposes at least that many)
     assert detector.rpn.post_nms_top_n() == 1000
     hook.remove()
+
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_export_writes_the_chosen_model_as_model_pt_and_supervised_runs_only_their_student(tmp_path, with_teacher):
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+
+    from pseudobox.models.checkpoint import make_checkpoint, save_checkpoint
+
+    student, teacher = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    run_dir = tmp_path / "checkpoint_0"
+    ssod_state = {"teacher": {"model_state": teacher} if with_teacher else None, "method": {}, "ratios": []}
+    save_checkpoint(make_checkpoint("detector", {"detector": "faster_rcnn", "depth": 18}, CLASSES, student,
+                                    optimizer_state={}, ssod_state=ssod_state, step=3), str(run_dir / "model.pt"))
+    result = SimpleNamespace(checkpoint=Checkpoint.from_directory(str(run_dir)))
+    out = tmp_path / "out"
+    ckpt, files = finetune_ssod.export_models(result, str(out), "teacher")
+    if with_teacher:
+        assert files == {"teacher": str(out / "model.pt"), "student": str(out / "model_student.pt")}
+        assert ckpt["exported"] == "teacher" and torch.equal(ckpt["model_state"]["w"], teacher["w"])
+    else:  # supervised: no teacher to export, model.pt is the student and nothing else is written
+        assert files == {"student": str(out / "model.pt")} and ckpt["exported"] == "student"
+        assert not (out / "model_teacher.pt").exists() and not (out / "model_student.pt").exists()
+    saved = read_checkpoint_file(str(out / "model.pt"))
+    assert "ssod_state" not in saved and "optimizer_state" not in saved
+    assert torch.equal(saved["model_state"]["w"], (teacher if with_teacher else student)["w"])
