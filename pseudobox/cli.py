@@ -30,8 +30,9 @@ class StageSpec(NamedTuple):
 STAGES = {
     "build-corpus": StageSpec("build_corpus", "BuildCorpusConfig", "write a corpus of tar shards"),
     "train-classifier": StageSpec("train_classifier", "TrainClassifierConfig", "DAP step 1: classifier on Ray Train"),
-    "mine": StageSpec("mine", "MineConfig", "DAP step 2: CAM pseudo-boxes on a Ray Data actor pool"),
-    "pretrain": StageSpec("pretrain", "PretrainConfig", "DAP step 3: detector pre-training on Ray Train"),
+    "mine": StageSpec("mine", "MineConfig", "pseudo-boxes on a Ray Data actor pool: CAM, EdgeBoxes or a teacher"),
+    "pretrain": StageSpec("pretrain", "PretrainConfig",
+                          "detection pre-training on Ray Train: DAP (CAM boxes) or PreDet (EdgeBox queries)"),
     "split": StageSpec("split", "SplitConfig", "seeded splits: k-shot, percent labelled (folds), or labelled/unlabelled sets"),
     "finetune": StageSpec("finetune", "FinetuneConfig", "DAP step 4: fine-tune a detector, then evaluate"),
     "finetune-ssod": StageSpec("finetune_ssod", "FinetuneSsodConfig",
@@ -46,6 +47,12 @@ BENCHES = {
                      "the demo's DAP chain over N seeds: CLS-init vs DAP-init, mean ± std, paired 95%% CI"),
     "ssod": StageSpec("bench_ssod", "BenchSsodConfig",
                       "semi-supervised methods vs supervised over N seeds on a synthetic set, paired 95%% CI"),
+    "pretraining": StageSpec("bench_pretraining", "BenchPretrainingConfig",
+                             "CLS vs DAP vs PreDet pre-training, fine-tuned over N seeds, paired 95%% CI"),
+}
+ANALYSES = {
+    "iou-similarity": StageSpec("analyze", "IouSimilarityConfig",
+                                "Pearson r of box IoU vs RoI-feature cosine similarity per box size (PreDet Fig. 5b)"),
 }
 
 
@@ -55,6 +62,8 @@ def _spec(command: str) -> StageSpec:
         return DEMO
     if command.startswith("bench "):
         return BENCHES[command.split(" ", 1)[1]]
+    if command.startswith("analyze "):
+        return ANALYSES[command.split(" ", 1)[1]]
     return STAGES[command]
 
 
@@ -162,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         b = _add(kinds, name, f"bench {name}", spec.help)
         b.add_argument("--seeds", type=int, default=None, help="number of seeds, >= 2 (default: the seeds key below)")
         _chain_args(b)
+    analyze = sub.add_parser("analyze", help="analyses of a checkpoint's features")
+    analyses = analyze.add_subparsers(dest="analysis", required=True)
+    for name, spec in ANALYSES.items():
+        a = _add(analyses, name, f"analyze {name}", spec.help)
+        for key in ("checkpoint", "corpus", "output"):
+            a.add_argument(f"--{key}", default=None, help=f"same as {key}=...")
+        a.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_pairs=500")
     return parser
 
 
@@ -178,7 +194,8 @@ class Command:
 
 def command_of(args: argparse.Namespace) -> Command:
     """Turn parsed arguments into a stage and its overrides; flags become ``key=value``."""
-    stage = f"bench {args.bench}" if args.stage == "bench" else args.stage
+    stage = {"bench": f"bench {getattr(args, 'bench', '')}",
+             "analyze": f"analyze {getattr(args, 'analysis', '')}"}.get(args.stage, args.stage)
     overrides = list(args.overrides)
     flags: list[str] = []
     if args.stage in ("demo", "bench") and args.workdir is not None:
@@ -187,7 +204,7 @@ def command_of(args: argparse.Namespace) -> Command:
         flags.insert(0, f"seeds={args.seeds}")
     if args.stage == "finetune-ssod" and args.method is not None:
         flags.append(f"method={args.method}")
-    if args.stage == "predict":
+    if args.stage in ("predict", "analyze"):
         flags += [f"{key}={getattr(args, key)}" for key in ("checkpoint", "corpus", "output")
                   if getattr(args, key) is not None]
     if args.stage == "report":
@@ -223,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ["PSEUDOBOX_VERBOSE"] = "1"
     setup_logging(verbose=args.verbose)
-    what = f"{args.stage} {args.bench}" if args.stage == "bench" else args.stage
+    what = {"bench": f"bench {getattr(args, 'bench', '')}",
+            "analyze": f"analyze {getattr(args, 'analysis', '')}"}.get(args.stage, args.stage)
     try:
         command = command_of(args)
         cls, run = load_stage(command.stage)

@@ -42,6 +42,14 @@ __all__ = [
     "classification_sample",
     "detection_sample",
     "write_preview_grid",
+    "TagNoise",
+    "NoisyTags",
+    "HashtagDataset",
+    "hashtag_vocabulary",
+    "noisy_tags",
+    "hashtag_sample",
+    "write_hashtag_dataset",
+    "hashtag_view",
 ]
 
 # --------------------------------------------------------------------------- #
@@ -732,6 +740,236 @@ def detection_sample(
 
 
 # --------------------------------------------------------------------------- #
+# Hashtag mode: multi-label scenes with noisy user tags
+# --------------------------------------------------------------------------- #
+
+# Tags that name no class, as users add them; none of them is a class hashtag.
+JUNK_TAGS: tuple[str, ...] = (
+    "love", "instagood", "photooftheday", "nofilter", "tbt", "happy", "weekend", "art", "picoftheday",
+    "colour", "shapes", "random", "follow", "summer", "mood", "vibes", "design", "pattern", "geometry", "abstract",
+)
+
+
+@dataclass(frozen=True)
+class TagNoise:
+    """How tags differ from the true classes (all per-draw probabilities except ``junk``).
+
+    ``missing``: a present class gets no tag. ``synonym``: a tagged present class is tagged
+    with one of its other hashtags (plural or synonym) instead of its name. ``spurious``:
+    each absent class gets a tag anyway. ``junk``: mean number (Poisson) of tags naming no
+    class. Spelling is varied too (``#``, case, spaces), which normalisation undoes.
+    """
+
+    missing: float = 0.2
+    spurious: float = 0.02
+    synonym: float = 0.3
+    junk: float = 1.0
+
+    def validate(self) -> None:
+        for name in ("missing", "spurious", "synonym"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"TagNoise.{name} must be in [0, 1], got {value}")
+        if self.junk < 0:
+            raise ValueError(f"TagNoise.junk must be >= 0, got {self.junk}")
+
+
+@dataclass
+class NoisyTags:
+    """One image's tags and what the noise did (class indices), for checking the statistics."""
+
+    tags: list[str]
+    missing: list[int]
+    spurious: list[int]
+    synonym: list[int]
+    junk: int
+
+
+def hashtag_vocabulary(names: Sequence[str]) -> dict[str, list[str]]:
+    """``{class: [name, plural, synonym]}`` for synthetic classes: ``disc: [disc, discs, disc_shape]``,
+    ``hourglass: [hourglass, hourglasses, hourglass_shape]``.
+
+    Multi-word names also get the words joined (``striped_rectangle`` → ``stripedrectangle``).
+    The first entry is the canonical tag; the others are what ``TagNoise.synonym`` draws.
+    """
+    vocabulary = {}
+    for name in names:
+        plural = f"{name}es" if name.endswith(("s", "x", "sh", "ch")) else f"{name}s"
+        forms = [name, plural, f"{name}_shape"]
+        if "_" in name:
+            forms.append(name.replace("_", ""))
+        vocabulary[name] = forms
+    return vocabulary
+
+
+def _decorate(rng: np.random.Generator, tag: str) -> str:
+    """The same tag as users might write it: maybe ``#``, maybe capitalised, maybe padded."""
+    if rng.random() < 0.5:
+        tag = "#" + tag
+    if rng.random() < 0.3:
+        tag = tag.upper() if rng.random() < 0.3 else tag.capitalize()
+    if rng.random() < 0.1:
+        tag = f" {tag} "
+    return tag
+
+
+def noisy_tags(
+    rng: np.random.Generator,
+    present: Sequence[int],
+    vocabulary: Sequence[Sequence[str]],
+    rates: TagNoise,
+) -> NoisyTags:
+    """Noisy tags for an image whose true classes are ``present`` (indices into ``vocabulary``,
+    whose entries list each class's canonical tag first, then its other forms)."""
+    present_set = {int(c) for c in present}
+    tags: list[str] = []
+    missing, spurious, synonym = [], [], []
+    for c in sorted(present_set):
+        if rng.random() < rates.missing:
+            missing.append(c)
+            continue
+        forms = vocabulary[c]
+        if len(forms) > 1 and rng.random() < rates.synonym:
+            synonym.append(c)
+            tags.append(_decorate(rng, forms[int(rng.integers(1, len(forms)))]))
+        else:
+            tags.append(_decorate(rng, forms[0]))
+    for c in range(len(vocabulary)):
+        if c not in present_set and rng.random() < rates.spurious:
+            spurious.append(c)
+            forms = vocabulary[c]
+            tags.append(_decorate(rng, forms[int(rng.integers(0, len(forms)))]))
+    junk = int(rng.poisson(rates.junk)) if rates.junk > 0 else 0
+    tags += [_decorate(rng, JUNK_TAGS[int(i)]) for i in rng.integers(0, len(JUNK_TAGS), size=junk)]
+    order = rng.permutation(len(tags))
+    return NoisyTags([tags[i] for i in order], missing, spurious, synonym, junk)
+
+
+def hashtag_sample(
+    rng: np.random.Generator,
+    kind: str = "pretrain",
+    size: tuple[int, int] = (128, 128),
+    min_objects: int = 1,
+    max_objects: int = 3,
+    *,
+    background: str = "textured",
+):
+    """A multi-label scene: ``min_objects..max_objects`` objects of *different* classes.
+
+    Returns ``(image, boxes, labels)`` as ``render_scene``; the true image-level classes
+    are ``set(labels)`` (an object that cannot be placed is absent from both).
+    """
+    count = num_classes(kind)
+    object_count = int(rng.integers(min_objects, min(max_objects, count) + 1))
+    class_ids = rng.choice(count, size=object_count, replace=False).tolist()
+    return render_scene(rng, class_ids, kind, size, background=background)
+
+
+@dataclass
+class HashtagDataset:
+    """What a hashtag writer produced: the JSONL, the vocabulary file, the class names, and
+    per JSONL line the image path (as written in the JSONL), its true classes and its noise."""
+
+    jsonl: str
+    vocabulary: str
+    classes: list[str]
+    images: list[str]
+    labels: list[list[int]]
+    noise: list[NoisyTags]
+
+
+def _write_hashtag_files(out_dir: str, classes: Sequence[str], rows: list[dict]) -> tuple[str, str]:
+    import json
+
+    import yaml
+
+    from pseudobox import storage
+
+    vocabulary_uri = storage.join(out_dir, "vocabulary.yaml")
+    jsonl_uri = storage.join(out_dir, "tags.jsonl")
+    storage.write_text(vocabulary_uri, yaml.safe_dump(hashtag_vocabulary(classes), sort_keys=False))
+    storage.write_text(jsonl_uri, "".join(json.dumps(row) + "\n" for row in rows))
+    return jsonl_uri, vocabulary_uri
+
+
+def write_hashtag_dataset(
+    out_dir: str,
+    num_images: int,
+    rates: TagNoise = TagNoise(),
+    seed: int = 0,
+    *,
+    kind: str = "pretrain",
+    image_size: int = 128,
+    min_objects: int = 1,
+    max_objects: int = 3,
+) -> HashtagDataset:
+    """Render ``num_images`` multi-label scenes and write ``images/*.jpg``, ``tags.jsonl``
+    (image paths relative to ``out_dir``) and ``vocabulary.yaml`` under ``out_dir`` (a
+    local path or URI) — the input of ``build-corpus builder=hashtags``."""
+    from pseudobox import storage
+    from pseudobox.datasets.corpus import encode_image
+
+    rates.validate()
+    rng = np.random.default_rng(seed)
+    classes = class_names(kind)
+    vocabulary = list(hashtag_vocabulary(classes).values())
+    rows, images, labels, records = [], [], [], []
+    for index in range(num_images):
+        image, _, drawn = hashtag_sample(rng, kind, (image_size, image_size), min_objects, max_objects)
+        present = sorted({int(c) for c in drawn})
+        record = noisy_tags(rng, present, vocabulary, rates)
+        rel = f"images/{index:07d}.jpg"
+        storage.write_bytes(storage.join(out_dir, rel), encode_image(image))
+        rows.append({"image": rel, "tags": record.tags})
+        images.append(rel)
+        labels.append(present)
+        records.append(record)
+    jsonl, vocabulary_uri = _write_hashtag_files(out_dir, classes, rows)
+    return HashtagDataset(jsonl, vocabulary_uri, list(classes), images, labels, records)
+
+
+def hashtag_view(corpus_uri: str, out_dir: str, rates: TagNoise = TagNoise(), seed: int = 0) -> HashtagDataset:
+    """The hashtag view of an existing corpus: the same images (bytes copied as they are)
+    with noisy tags drawn from each sample's true classes (its ``box_labels`` when it has
+    boxes, else its ``labels``), plus a vocabulary of the corpus's classes, under ``out_dir``.
+
+    Build it with ``build-corpus builder=hashtags`` to give PreDet the same images that
+    classification labels give CLS and DAP. Unreadable samples are left out.
+    """
+    import json
+
+    from pseudobox import storage
+    from pseudobox.datasets.corpus import iter_shard, load_manifest, shard_uris
+
+    rates.validate()
+    rng = np.random.default_rng(seed)
+    manifest = load_manifest(corpus_uri)
+    classes = list(manifest.classes)
+    vocabulary = list(hashtag_vocabulary(classes).values())
+
+    def index_of(label) -> int:
+        return classes.index(label) if isinstance(label, str) else int(label)
+
+    rows, images, labels, records = [], [], [], []
+    for shard in shard_uris(corpus_uri, manifest):
+        for raw in iter_shard(shard):
+            if raw.get("error") or raw.get("image") is None or raw.get("meta") is None:
+                continue
+            meta = json.loads(raw["meta"])
+            truth = meta["box_labels"] if meta.get("boxes") else meta.get("labels", [])
+            present = sorted({index_of(x) for x in truth})
+            record = noisy_tags(rng, present, vocabulary, rates)
+            rel = f"images/{raw['key']}.{raw['image_ext']}"
+            storage.write_bytes(storage.join(out_dir, rel), raw["image"])
+            rows.append({"image": rel, "tags": record.tags})
+            images.append(rel)
+            labels.append(present)
+            records.append(record)
+    jsonl, vocabulary_uri = _write_hashtag_files(out_dir, classes, rows)
+    return HashtagDataset(jsonl, vocabulary_uri, classes, images, labels, records)
+
+
+# --------------------------------------------------------------------------- #
 # Preview
 # --------------------------------------------------------------------------- #
 
@@ -776,8 +1014,23 @@ def write_preview_grid(path: str, seed: int = 0, tile: int = 128) -> None:
     sheet.save(path)
 
 
+_USAGE = """usage:
+  python -m pseudobox.datasets.synthetic OUTPUT.png                    preview grid of every class
+  python -m pseudobox.datasets.synthetic hashtags OUT_DIR [NUM_IMAGES]  multi-label scenes with noisy tags
+  python -m pseudobox.datasets.synthetic hashtag-view CORPUS OUT_DIR    noisy tags for an existing corpus
+(hashtag outputs: OUT_DIR/tags.jsonl and OUT_DIR/vocabulary.yaml for `build-corpus builder=hashtags`)"""
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m pseudobox.datasets.synthetic OUTPUT.png")
-    write_preview_grid(sys.argv[1])
-    print(f"wrote {sys.argv[1]}")
+    args = sys.argv[1:]
+    if len(args) == 1:
+        write_preview_grid(args[0])
+        print(f"wrote {args[0]}")
+    elif args[:1] == ["hashtags"] and len(args) in (2, 3):
+        made = write_hashtag_dataset(args[1], int(args[2]) if len(args) == 3 else 1000)
+        print(f"wrote {len(made.images)} images, {made.jsonl} and {made.vocabulary}")
+    elif args[:1] == ["hashtag-view"] and len(args) == 3:
+        made = hashtag_view(args[1], args[2])
+        print(f"wrote {len(made.images)} images, {made.jsonl} and {made.vocabulary}")
+    else:
+        sys.exit(_USAGE)

@@ -218,6 +218,48 @@ def init_backbone_from_detector(model: nn.Module, detector_ckpt: dict, arch: Det
     return {"copied": copied, "missing": missing}
 
 
+PREDET_TRANSFERRED = ("backbone.body.", "backbone.fpn.", "rpn.head.conv.")
+
+
+def _fpn_level_count(state: dict) -> int:
+    return len({k.split(".")[3] for k in state if k.startswith("backbone.fpn.inner_blocks.")})
+
+
+def init_from_predet(model: nn.Module, predet_ckpt: dict, arch: DetectorArch) -> dict:
+    """Fine-tuning init from a PreDet pre-training: the ResNet, the FPN and, where the
+    shapes fit (Faster R-CNN's RPN), the CRPN's 3×3 trunk. The heads start random: PreDet
+    has no class-specific detection head. RetinaNet and FCOS build their FPN on C3-C5
+    (PreDet's on C2-C5): each FPN level takes the weights of the same ResNet stage; their
+    P6/P7 blocks start random. Returns ``{"copied", "missing", "random"}``; a missing
+    ResNet weight is a ``CheckpointError``."""
+    src_depth = predet_ckpt["arch"].get("depth")
+    if src_depth != arch.depth:
+        raise CheckpointError(f"the PreDet checkpoint is ResNet-{src_depth}; set model.depth={src_depth}")
+    state = {k: v for k, v in predet_ckpt["model_state"].items() if k.startswith(PREDET_TRANSFERRED)}
+    shift = _fpn_level_count(state) - _fpn_level_count(model.state_dict())
+
+    def rename(k):  # source FPN level i feeds target level i - shift (the same ResNet stage)
+        parts = k.split(".")
+        if k.startswith(("backbone.fpn.inner_blocks.", "backbone.fpn.layer_blocks.")):
+            level = int(parts[3]) - shift
+            if level < 0:
+                return None
+            parts[3] = str(level)
+        return ".".join(parts)
+
+    copied, mismatched = _shape_compatible_copy(model, state, rename)
+    if mismatched or copied == 0:
+        raise CheckpointError(f"the PreDet weights do not fit the {arch.detector}: {copied} copied, "
+                              f"mismatched {mismatched[:3]}")
+    missing = _not_provided(model, state, rename, scope="backbone.body.")
+    _refuse_missing_backbone(missing, "the PreDet checkpoint")
+    provided = {rename(k) for k in state} - {None}
+    random = sorted(k for k in model.state_dict() if not _is_counter(k) and k not in provided)
+    log.info("fine-tuning init from PreDet: %d tensors copied (backbone, FPN%s); %d start random",
+             copied, ", RPN trunk" if any(k.startswith("rpn.head.conv.") for k in provided) else "", len(random))
+    return {"copied": copied, "missing": missing, "random": random}
+
+
 def check_keep_class_layers(source_classes: list[str], class_names: list[str]) -> None:
     """Keeping the checkpoint's class layers is only meaningful for the very same classes,
     in the same order (output k is class k)."""

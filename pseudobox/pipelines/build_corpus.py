@@ -9,9 +9,15 @@ Builders:
   * ``coco``: a COCO-format JSON plus its image directory (keeps boxes, crowd flags and
     each annotation's ``area``);
   * ``voc``: a VOCdevkit tree, one or more ``splits`` (``VOC2007/trainval,VOC2012/trainval``);
-    keeps each object's ``difficult`` flag (``datasets/voc.py``).
+    keeps each object's ``difficult`` flag (``datasets/voc.py``);
+  * ``hashtags``: a JSONL of ``{"image": path or URI, "tags": [...]}`` plus a vocabulary
+    mapping classes to hashtags (``datasets/hashtags.py``); writes a multi-label corpus whose
+    samples keep their raw tags, and reports per-class counts, the unmatched-tag share and
+    what was dropped (``corpus.json`` ``extra.hashtags``). Relative image paths are read
+    against ``source`` when set, else against the JSONL's directory; malformed lines are
+    skipped and counted.
 
-The file builders (imagefolder, coco, voc) go in three steps. *Plan*: list every sample
+The file builders (imagefolder, coco, voc, hashtags) go in three steps. *Plan*: list every sample
 (key, image path relative to ``source``, label JSON) in a fixed order and check it
 (unknown VOC classes, duplicate keys) before anything is written. *Cut* the plan into
 shards of ``samples_per_shard``. *Write* the shards in parallel (``parallel``: a local
@@ -42,9 +48,9 @@ from pseudobox.config import ConfigError, path_field, require
 from pseudobox.datasets.corpus import (
     MANIFEST_NAME, CorpusError, CorpusManifest, CorpusWriter, ShardInfo, encode_image, shard_name, write_shard,
 )
-from pseudobox.pipelines.common import RayConfig, check_same_run, log, run_fingerprint
+from pseudobox.pipelines.common import RayConfig, check_same_run, config_defaults, log, run_fingerprint
 
-BUILDERS = ("synthetic", "imagefolder", "coco", "voc")
+BUILDERS = ("synthetic", "imagefolder", "coco", "voc", "hashtags")
 PARALLEL = ("process", "ray", "none")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 RECORDS_DIR = "build"
@@ -72,11 +78,26 @@ class SyntheticConfig:
 
 
 @dataclass
+class HashtagsConfig:
+    """builder=hashtags: the JSONL of images and tags, the class vocabulary, the class size floor."""
+
+    jsonl: str = path_field()       # one {"image": path or URI, "tags": [...]} per line
+    vocabulary: str = path_field()  # YAML or JSON: {class: [hashtag, synonym, plural, ...]}
+    min_images: int = 1             # classes with fewer images are dropped, then images left with none
+
+    def validate(self) -> None:
+        require(bool(self.jsonl), "builder=hashtags needs hashtags.jsonl=FILE.jsonl")
+        require(bool(self.vocabulary), "builder=hashtags needs hashtags.vocabulary=FILE.yaml (or .json)")
+        require(self.min_images >= 1, f"hashtags.min_images must be >= 1, got {self.min_images}")
+
+
+@dataclass
 class BuildCorpusConfig:
     builder: str = "synthetic"
     output: str = path_field()
     samples_per_shard: int = 1000
-    source: str = path_field()       # imagefolder root, the COCO image directory, or the VOCdevkit root
+    source: str = path_field()       # imagefolder root, the COCO image directory, the VOCdevkit root,
+    #                                  or (hashtags, optional) the base of relative image paths
     annotations: str = path_field()  # COCO JSON (builder=coco)
     splits: list[str] = field(default_factory=list)   # voc: "<year dir>/<image set>", e.g. VOC2007/trainval
     classes: list[str] = field(default_factory=list)  # voc: class names in index order (empty: the 20 VOC classes)
@@ -85,6 +106,7 @@ class BuildCorpusConfig:
     ray: RayConfig = field(default_factory=RayConfig)  # parallel=ray
     # synthetic.seed also seeds imagefolder's shuffle of the file list
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    hashtags: HashtagsConfig = field(default_factory=HashtagsConfig)
 
     def validate(self) -> None:
         require(self.builder in BUILDERS, f"builder must be one of {BUILDERS}, got {self.builder!r}")
@@ -95,8 +117,13 @@ class BuildCorpusConfig:
         self.ray.validate()
         if self.builder == "synthetic":
             self.synthetic.validate()
+        elif self.builder == "hashtags":
+            self.hashtags.validate()
         else:
             require(bool(self.source), f"builder={self.builder} needs source=DIR")
+        if self.builder != "hashtags":
+            require(self.hashtags == HashtagsConfig(),
+                    f"hashtags.* is only read by builder=hashtags (builder={self.builder})")
         if self.builder == "coco":
             require(bool(self.annotations), "builder=coco needs annotations=FILE.json")
         if self.builder == "voc":
@@ -112,7 +139,15 @@ class BuildCorpusConfig:
             require(not self.classes, f"classes is only read by builder=voc (builder={self.builder})")
 
     def check_paths(self) -> None:
-        if self.builder != "synthetic":
+        if self.builder == "hashtags":
+            from pseudobox.datasets import hashtags
+
+            storage.check_readable(self.hashtags.jsonl, "hashtags.jsonl")
+            storage.check_readable(self.hashtags.vocabulary, "hashtags.vocabulary")
+            hashtags.load_vocabulary(self.hashtags.vocabulary)  # raises ConfigError naming the key
+            if self.source:
+                storage.check_readable(self.source, "source")
+        elif self.builder != "synthetic":
             require(os.path.isdir(self.source), f"source {self.source} is not a local directory")
         if self.builder == "coco":
             storage.check_readable(self.annotations, "annotations")
@@ -169,6 +204,7 @@ class Plan:
     kind: str
     samples: list[PlannedSample]
     extra: dict
+    multi_label: bool = False
 
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps(self.classes).encode())
@@ -242,6 +278,52 @@ def plan_voc(cfg: BuildCorpusConfig) -> Plan:
     return Plan(classes, "detection", samples, {"builder": "voc", "source": cfg.source, "splits": list(cfg.splits)})
 
 
+def _image_base(cfg: BuildCorpusConfig) -> str:
+    """Where relative image paths of a hashtag JSONL are read from: ``source``, else the JSONL's directory."""
+    if cfg.source:
+        return cfg.source
+    jsonl = cfg.hashtags.jsonl
+    return jsonl.rsplit("/", 1)[0] if "://" in jsonl else os.path.dirname(os.path.abspath(jsonl))
+
+
+def _resolve_image(base: str, image: str) -> str:
+    if "://" in image or os.path.isabs(image):
+        return image
+    if "://" in base:
+        return storage.join(base, image)
+    return os.path.normpath(os.path.join(base, image))
+
+
+def _jsonl_lines(uri: str) -> Iterator[bytes]:
+    with storage.open_read(uri) as f:
+        yield from f
+
+
+def plan_hashtags(cfg: BuildCorpusConfig) -> Plan:
+    """JSONL order; keys ``<line number>_<file stem>``; meta ``{"labels": [class names],
+    "tags": [raw tags]}``; the report goes to the manifest's ``extra.hashtags`` and the log."""
+    from pseudobox.datasets import hashtags
+
+    h = cfg.hashtags
+    vocab = hashtags.load_vocabulary(h.vocabulary)
+    index = hashtags.index_hashtags(_jsonl_lines(h.jsonl), vocab, h.min_images)
+    log.info("build-corpus:\n%s", hashtags.format_report(index.report))
+    if not index.images:
+        raise ConfigError(f"builder=hashtags: no image is left ({index.report['images_listed']} listed, "
+                          f"{index.report['unmatched_tags']} of {index.report['tags']} tags matched no class, "
+                          f"classes dropped: {index.report['classes_dropped']}); check hashtags.vocabulary "
+                          f"and hashtags.min_images={h.min_images}")
+    base = _image_base(cfg)
+    samples = []
+    for item in index.images:
+        stem = os.path.splitext(item.image.rsplit("/", 1)[-1])[0]
+        meta = {"labels": [index.kept_classes[c] for c in item.classes], "tags": item.tags}
+        samples.append((safe_key(f"{item.line:08d}_{stem}"[:120]), _resolve_image(base, item.image), json.dumps(meta)))
+    extra = {"builder": "hashtags", "jsonl": h.jsonl, "vocabulary": h.vocabulary,
+             "vocabulary_classes": list(vocab.classes), "hashtags": index.report}
+    return Plan(index.kept_classes, "classification", samples, extra, multi_label=True)
+
+
 # ---------------------------------------------------------------- writing one shard (any process)
 
 class ShardTask(NamedTuple):
@@ -270,6 +352,16 @@ def image_ext(data: bytes) -> str:
     return "png" if fmt == "PNG" else "jpg"
 
 
+def read_image_file(path: str) -> bytes:
+    """A local file's or a URI's (``s3://``, ``file://``) bytes; ``FileNotFoundError`` when absent."""
+    if "://" in path:
+        fs, fs_path = storage.split_uri(path)
+        with fs.open(fs_path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def write_planned_shard(task: ShardTask) -> dict:
     """Write one shard of a plan, then its record; returns the record.
 
@@ -289,10 +381,9 @@ def write_planned_shard(task: ShardTask) -> dict:
     def readable() -> Iterator[tuple[str, bytes, str, bytes]]:
         nonlocal has_boxes
         for key, rel, meta in task.samples:
-            path = os.path.join(task.source, rel)
+            path = rel if "://" in rel else os.path.join(task.source, rel)  # hashtags: URIs, absolute paths
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = read_image_file(path)
             except FileNotFoundError:
                 skip("missing_file", rel)
                 continue
@@ -404,10 +495,10 @@ def build_from_plan(cfg: BuildCorpusConfig, plan: Plan) -> CorpusManifest:
     """Write the shards of ``plan`` that are not done yet, then ``corpus.json``."""
     _check_unique_keys(plan.samples)
     tasks = plan_shards(cfg, plan)
-    require(bool(tasks), f"builder={cfg.builder}: nothing to write, {cfg.source} lists no images")
+    require(bool(tasks), f"builder={cfg.builder}: nothing to write, {cfg.source or cfg.hashtags.jsonl} lists no images")
     fingerprint = run_fingerprint("build-corpus", cfg)
     fingerprint["plan"] = {"samples": len(plan.samples), "shards": len(tasks), "digest": plan.digest()}
-    check_same_run(cfg.output, fingerprint, appliable=BUILD_APPLIABLE)
+    check_same_run(cfg.output, fingerprint, appliable=BUILD_APPLIABLE, defaults=config_defaults(cfg))
     done = done_shards(cfg.output, [t.name for t in tasks])
     pending = [t for t in tasks if t.name not in done]
     if pending and storage.exists(storage.join(cfg.output, MANIFEST_NAME)):
@@ -442,7 +533,7 @@ def build_from_plan(cfg: BuildCorpusConfig, plan: Plan) -> CorpusManifest:
     shards = [ShardInfo(r["name"], r["num_samples"]) for r in records if r["num_samples"] > 0]
     if not shards:
         raise CorpusError(f"build-corpus: every image was skipped ({skipped}); check source={cfg.source}")
-    manifest = CorpusManifest(classes=plan.classes, shards=shards, kind=plan.kind,
+    manifest = CorpusManifest(classes=plan.classes, shards=shards, kind=plan.kind, multi_label=plan.multi_label,
                               has_boxes=any(r["has_boxes"] for r in records),
                               extra={**plan.extra, "skipped": skipped})
     storage.write_json(storage.join(cfg.output, MANIFEST_NAME), manifest.to_json())
@@ -461,10 +552,14 @@ def build_voc(cfg: BuildCorpusConfig) -> CorpusManifest:
     return build_from_plan(cfg, plan_voc(cfg))
 
 
+def build_hashtags(cfg: BuildCorpusConfig) -> CorpusManifest:
+    return build_from_plan(cfg, plan_hashtags(cfg))
+
+
 def run(cfg: BuildCorpusConfig) -> CorpusManifest:
     cfg.check_paths()
     builder = {"synthetic": build_synthetic, "imagefolder": build_imagefolder, "coco": build_coco,
-               "voc": build_voc}[cfg.builder]
+               "voc": build_voc, "hashtags": build_hashtags}[cfg.builder]
     manifest = builder(cfg)
     skipped = sum(manifest.extra.get("skipped", {}).values())
     log.info("build-corpus: %d samples in %d shards, %d classes, %d items skipped → %s", manifest.num_samples,

@@ -2,7 +2,9 @@
 
 Initialisation, by ``init``:
   * ``detector``: from a pre-training checkpoint; the class layers are always re-initialised,
-    unless ``keep_class_layers`` and the checkpoint has the same class names in order;
+    unless ``keep_class_layers`` and the checkpoint has the same class names in order. A
+    PreDet pre-training (``pretrain method=predet``) gives its backbone, FPN and, for
+    Faster R-CNN, its RPN trunk; every head starts random;
   * ``backbone``: the ResNet of a detector checkpoint of any kind (a Faster R-CNN DAP
     pre-training for an FCOS or RetinaNet); FPN and heads start random;
   * ``classifier``: the CLS baseline, backbone only;
@@ -91,6 +93,8 @@ class FinetuneConfig:
                                "or leave eval_corpus empty.", labels=("eval_corpus", "corpus"))
         ckpt = check_init_checkpoint(self.init, self.checkpoint, self.model)
         if ckpt is not None and self.init == "detector" and self.keep_class_layers:
+            require(ckpt["model_type"] == "detector", "keep_class_layers needs a detector checkpoint; a PreDet "
+                    "pre-training has no class layers to keep")
             from pseudobox.models.detectors import check_keep_class_layers
 
             check_keep_class_layers(ckpt["class_names"], manifest.classes)
@@ -146,11 +150,13 @@ def check_init_checkpoint(init: str, checkpoint: str, model: DetectorArch) -> di
     the same ResNet depth, and for a detector the same detector kind."""
     if init == "random":
         return None
-    ckpt = load_checkpoint(checkpoint, expect_type="detector" if init == "backbone" else init)
+    predet = init == "detector" and load_checkpoint(checkpoint).get("model_type") == "predet"
+    ckpt = load_checkpoint(checkpoint, expect_type="predet" if predet else
+                           "detector" if init == "backbone" else init)
     arch = ckpt["arch"]
     require(arch.get("depth") == model.depth,
             f"the {init} checkpoint is ResNet-{arch.get('depth')}; set model.depth={arch.get('depth')}")
-    require(init != "detector" or arch.get("detector") == model.detector,
+    require(init != "detector" or predet or arch.get("detector") == model.detector,
             f"the checkpoint is a {arch.get('detector')} and this run builds a {model.detector}: set "
             f"model.detector={arch.get('detector')}, or take its ResNet only with init=backbone")
     return ckpt

@@ -3,6 +3,8 @@
 ``source=cam`` (DAP step 2): CAM boxes from a classifier checkpoint. ``source=teacher``
 (offline self-training, DAP Table 9): a trained detector's boxes with flip TTA, kept at
 score ≥ ``teacher.score_threshold`` or the top box of each image (``mining/teacher.py``).
+``source=edgebox`` (PreDet's queries): class-agnostic EdgeBoxes (``mining/edgeboxes.py``),
+label −1; it needs no checkpoint and no image labels (images are decoded without them).
 
 read shards (light tasks) → decode + box source in one autoscaling actor pool (one GPU
 per actor when the cluster has GPUs; JPEGs decoded on it) → one parquet part per shard,
@@ -17,13 +19,14 @@ from dataclasses import dataclass, field
 from pseudobox import storage
 from pseudobox.config import path_field, require, to_dict
 from pseudobox.mining import outputs
+from pseudobox.mining.edgeboxes import EdgeBoxesConfig
 from pseudobox.mining.teacher import TeacherMiningConfig
 from pseudobox.pipelines.common import (
     RayConfig, check_same_classes, check_same_run, config_defaults, init_ray, log, resolve_use_gpu, run_fingerprint,
     run_shard_pool, validate_actor_pool,
 )
 
-SOURCES = ("cam", "teacher")
+SOURCES = ("cam", "teacher", "edgebox")
 # Settings a re-submission may change (they only place and group the work, never change a
 # box); every other one must equal run.json's, since finished shards are kept.
 APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "cpus_per_actor", "export_coco", "ray")
@@ -62,6 +65,9 @@ class MineConfig:
     source: str = "cam"
     cam: CamConfig = field(default_factory=CamConfig)              # source=cam
     teacher: TeacherMiningConfig = field(default_factory=TeacherMiningConfig)  # source=teacher
+    # source=edgebox. 100 boxes per image, not EdgeBoxes' usual 1,000: PreDet samples 16
+    # queries per image from the best ones, and the parts stay small (docs/methods.md).
+    edgebox: EdgeBoxesConfig = field(default_factory=lambda: EdgeBoxesConfig(max_boxes=100))
     batch_size: int = 16
     min_actors: int = 1
     max_actors: int = 2
@@ -71,12 +77,14 @@ class MineConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
-        for name in ("corpus", "checkpoint", "output"):
-            require(bool(getattr(self, name)), f"{name} is required (e.g. {name}=s3://bucket/path)")
         require(self.source in SOURCES, f"source must be one of {SOURCES}, got {self.source!r}")
+        needed = ("corpus", "output") if self.source == "edgebox" else ("corpus", "checkpoint", "output")
+        for name in needed:
+            require(bool(getattr(self, name)), f"{name} is required (e.g. {name}=s3://bucket/path)")
         validate_actor_pool(self)
         self.cam.validate()
         self.teacher.validate()
+        self.edgebox.validate()
         self.ray.validate()
 
     def check_paths(self) -> None:
@@ -87,6 +95,9 @@ class MineConfig:
 
         storage.check_readable(self.corpus, "corpus")
         manifest = load_manifest(self.corpus)
+        if self.source == "edgebox":  # class-agnostic: no checkpoint, no labels
+            storage.check_writable(self.output, "output")
+            return
         if self.source == "teacher":  # a trained detector labels the corpus's classes
             ckpt = load_checkpoint(self.checkpoint, expect_type="detector")
             check_same_classes(ckpt["class_names"], manifest.classes, f"the detector {self.checkpoint}",
@@ -108,6 +119,7 @@ def run(cfg: MineConfig) -> dict:
     from pseudobox.datasets import ray_io
     from pseudobox.datasets.corpus import load_manifest
     from pseudobox.mining.cam import CamBoxMiner
+    from pseudobox.mining.edgeboxes import EdgeBoxMiner
     from pseudobox.mining.teacher import TeacherBoxMiner
 
     cfg.check_paths()
@@ -129,18 +141,22 @@ def run(cfg: MineConfig) -> dict:
                "thresholds": cfg.cam.thresholds, "nms_iou": cfg.cam.nms_iou,
                "min_component_ratio": cfg.cam.min_component_ratio, "max_components": cfg.cam.max_components,
                "min_side": cfg.cam.min_side, "precision": cfg.cam.precision}
-        actor, kwargs = (TeacherBoxMiner, cfg.teacher.actor_kwargs(cfg.checkpoint)) if cfg.source == "teacher" \
-            else (CamBoxMiner, cam)
+        actor, kwargs = {"teacher": (TeacherBoxMiner, cfg.teacher.actor_kwargs(cfg.checkpoint)),
+                         "edgebox": (EdgeBoxMiner, {"config": to_dict(cfg.edgebox)}),
+                         "cam": (CamBoxMiner, cam)}[cfg.source]
         expected = {s.name: s.num_samples for s in manifest.shards}
         writer = outputs.ShardPartWriter(cfg.output, expected, cfg.source)
+        # EdgeBoxes read only pixels: decoding without labels lets unlabelled corpora through.
         run_shard_pool(ds, actor, kwargs, cfg, use_gpu, writer, "mine", {s: expected[s] for s in pending},
-                       decode={"classes": manifest.classes})
+                       decode={"classes": manifest.classes, "labelled": cfg.source != "edgebox"})
     summary = outputs.summarize(outputs.load_reports(cfg.output))
     summary.update({"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source,
                     "classes": manifest.classes, "config": to_dict(cfg),
                     "seconds_this_run": time.time() - started, "shards_this_run": len(pending)})
     storage.write_json(storage.join(cfg.output, "mining.json"), summary)
-    if cfg.export_coco:
+    if cfg.export_coco and cfg.source == "edgebox":  # label −1 has no COCO category
+        log.info("mine: no COCO export for source=edgebox (class-agnostic boxes); the parts hold them")
+    elif cfg.export_coco:
         outputs.export_coco(cfg.output, manifest.classes, storage.join(cfg.output, "pseudo_boxes.coco.json"))
     if summary["corloc"] is not None:
         log.info("mine: CorLoc %.1f%%, box recall@0.5 %.1f%%, %.2f boxes/image",

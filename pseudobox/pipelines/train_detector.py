@@ -22,7 +22,7 @@ from pseudobox.config import from_dict
 from pseudobox.datasets.ray_io import object_array
 from pseudobox.datasets.transforms import hflip
 from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop, unwrap
-from pseudobox.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from pseudobox.models.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from pseudobox.models.detectors import (
     DetectorArch, build_detector, detector_images, init_backbone_from_classifier, transfer_detector_weights,
 )
@@ -71,11 +71,20 @@ def initialise(model, arch: DetectorArch, init: dict, class_names: list[str] | N
     """Apply the stage's initialisation; returns a short description for the logs and the
     checkpoint (what was copied, re-initialised, and not provided by the checkpoint).
 
-    ``init``: ``{"detector": uri, "keep_class_layers": bool}``, ``{"backbone": uri}`` (the
+    ``init``: ``{"detector": uri, "keep_class_layers": bool}`` (a detector, or a PreDet
+    pre-training: backbone, FPN and RPN trunk), ``{"backbone": uri}`` (the
     ResNet of a detector of any kind), ``{"classifier": uri}`` or ``{}`` (random).
     """
     if init.get("detector"):
-        info = transfer_detector_weights(model, load_checkpoint(init["detector"], expect_type="detector"), arch,
+        ckpt = load_checkpoint(init["detector"])
+        if ckpt.get("model_type") == "predet":  # the checkpoint says what it holds
+            from pseudobox.models.detectors import init_from_predet
+
+            return {"from": "predet", **init_from_predet(model, ckpt, arch)}
+        if ckpt.get("model_type") != "detector":
+            raise CheckpointError(f"{init['detector']} holds a {ckpt.get('model_type')}, not a detector or a "
+                                  "PreDet pre-training")
+        info = transfer_detector_weights(model, ckpt, arch,
                                          class_names=class_names,
                                          keep_class_layers=bool(init.get("keep_class_layers", False)))
         return {"from": "detector", **info}
@@ -149,7 +158,10 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     model = build_detector(arch, len(class_names))
     checkpointer = WorkerCheckpointer(local_dir)
     restored = checkpointer.restore()
-    init_info = initialise(model, arch, config["init"], class_names) if restored is None else {"from": "restored"}
+    if restored is None:
+        init_info = initialise(model, arch, config["init"], class_names)
+    else:  # the run's own init, as its first checkpoint recorded it
+        init_info = restored.get("init", {"from": "restored"})
     model.to(device)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
