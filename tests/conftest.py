@@ -4,6 +4,7 @@ Every fixture starts what it needs itself, so tests run on a fresh machine.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -117,6 +119,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def pseudobox_log():
+    """The records of pseudobox's logger, caught on that logger itself. caplog's handler sits
+    on the root logger, and after the in-process demo of the e2e test it stopped receiving
+    pseudobox's records (CI, stop 13; the logger's own state was unchanged), so tests that
+    assert a warning catch it here."""
+    logger = logging.getLogger("pseudobox")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture

@@ -76,6 +76,7 @@ class EdgeBoxesConfig:
     affinity_levels: int = 4       # thresholds averaged for the soft straddling weight
     refine: bool = True            # greedy side refinement of the candidates ...
     refine_top: int = 0            # ... the best this many per image (0 = all, as OpenCV)
+    cell_best: bool = True         # a window's best position in its α-step cell (else the cell's start)
     backend: str = "auto"
 
     def validate(self) -> None:
@@ -120,27 +121,33 @@ class EdgeDetector(Protocol):
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _triangle_kernel(radius: int, device, dtype) -> torch.Tensor:
-    k = torch.cat([torch.arange(1, radius + 2), torch.arange(radius, 0, -1)]).to(device=device, dtype=dtype)
-    return k / k.sum()
+def _triangle_weights(radius: int) -> list[float]:
+    k = [float(i) for i in range(1, radius + 2)] + [float(i) for i in range(radius, 0, -1)]
+    return [v / sum(k) for v in k]
 
 
 def triangle_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable triangle filter of ``x [N, C, H, W]`` (reflect padding); radius 0 = identity."""
+    """Separable triangle filter over the last two dims (replicate padding), as weighted
+    sums of shifted views (faster than a depthwise convolution on CPU); radius 0 = identity."""
     if radius <= 0:
         return x
-    c = x.shape[1]
-    k = _triangle_kernel(radius, x.device, x.dtype)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    k = _triangle_weights(radius)
+    h, w = x.shape[-2:]
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, 1, h, w)
+    p = F.pad(flat, (radius, radius, 0, 0), mode="replicate")
+    y = sum(k[i] * p[..., :, i:i + w] for i in range(2 * radius + 1))
+    p = F.pad(y, (0, 0, radius, radius), mode="replicate")
+    y = sum(k[i] * p[..., i:i + h, :] for i in range(2 * radius + 1))
+    return y.reshape(*lead, h, w)
 
 
 @dataclass
 class GradientEdges:
     """Default ``EdgeDetector``: per pixel, the gradient of the colour channel where it is
-    strongest, on the triangle-smoothed image; the magnitude is scaled by ``gain`` (a
-    step of contrast 1/``gain``·3.6 reaches 1) and clipped to [0, 1], then smoothed by a
-    small triangle so that thinning sees one ridge per edge."""
+    strongest, on the triangle-smoothed image. Central differences; the magnitude is
+    scaled by ``gain`` and clipped to [0, 1] (a step of contrast ≥ 0.9 reaches 1 with the
+    defaults), then smoothed by a small triangle so that thinning sees one ridge per edge."""
 
     smooth_radius: int = 2
     gain: float = 4.0
@@ -149,14 +156,22 @@ class GradientEdges:
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = triangle_blur(images.float(), self.smooth_radius)
         xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        gx = (xp[..., 1:-1, 2:] - xp[..., 1:-1, :-2]) * 0.5
-        gy = (xp[..., 2:, 1:-1] - xp[..., :-2, 1:-1]) * 0.5
-        mag2 = gx * gx + gy * gy
-        best = mag2.argmax(dim=1, keepdim=True)
-        gx, gy = gx.gather(1, best)[:, 0], gy.gather(1, best)[:, 0]
-        mag = (mag2.gather(1, best)[:, 0].sqrt() * self.gain).clamp_(max=1.0)
-        mag = triangle_blur(mag[:, None], self.mag_smooth_radius)[:, 0]
-        orientation = torch.remainder(torch.atan2(gy, gx), math.pi)
+        best_gx = best_gy = best_m2 = None
+        for c in range(x.shape[1]):  # channels one at a time: contiguous maps, no strided argmax
+            ch = xp[:, c]
+            gx = (ch[:, 1:-1, 2:] - ch[:, 1:-1, :-2]) * 0.5
+            gy = (ch[:, 2:, 1:-1] - ch[:, :-2, 1:-1]) * 0.5
+            m2 = gx * gx + gy * gy
+            if best_m2 is None:
+                best_gx, best_gy, best_m2 = gx, gy, m2
+            else:
+                stronger = m2 > best_m2
+                best_gx = torch.where(stronger, gx, best_gx)
+                best_gy = torch.where(stronger, gy, best_gy)
+                best_m2 = torch.maximum(m2, best_m2)
+        mag = (best_m2.sqrt() * self.gain).clamp_(max=1.0)
+        mag = triangle_blur(mag, self.mag_smooth_radius)
+        orientation = torch.remainder(torch.atan2(best_gy, best_gx), math.pi)
         return mag, orientation
 
 
@@ -466,10 +481,15 @@ class _Scorer:
         central = (rows_hi.index_select(2, x0m + hw + 1) - rows_lo.index_select(2, x0m + hw + 1)
                    - rows_hi.index_select(2, x0m) + rows_lo.index_select(2, x0m))
         score = (inside - central) * self.norm_table[hh.view(-1, 1) + hw.view(1, -1)]
-        score = F.pad(score, (0, nx * kx - limit_x, 0, ny * ky - limit_y), value=-math.inf)
-        best, arg = F.max_pool2d(score[:, None], (ky, kx), stride=(ky, kx), return_indices=True)
-        best, arg = best[:, 0], arg[:, 0]
-        return best, arg // (nx * kx), arg % (nx * kx)
+        if self.cfg.cell_best:
+            score = F.pad(score, (0, nx * kx - limit_x, 0, ny * ky - limit_y), value=-math.inf)
+            best, arg = F.max_pool2d(score[:, None], (ky, kx), stride=(ky, kx), return_indices=True)
+            best, arg = best[:, 0], arg[:, 0]
+            return best, arg // (nx * kx), arg % (nx * kx)
+        grid = score[:, ::ky, ::kx]  # OpenCV's own starts
+        ys = (torch.arange(grid.shape[1], device=dev) * ky).view(1, -1, 1).expand_as(grid)
+        xs = (torch.arange(grid.shape[2], device=dev) * kx).view(1, 1, -1).expand_as(grid)
+        return grid, ys, xs
 
     def _clamp(self, box: torch.Tensor) -> torch.Tensor:
         box = box.clone()

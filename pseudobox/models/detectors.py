@@ -218,7 +218,7 @@ def init_backbone_from_detector(model: nn.Module, detector_ckpt: dict, arch: Det
     return {"copied": copied, "missing": missing}
 
 
-PREDET_TRANSFERRED = ("backbone.body.", "backbone.fpn.", "rpn.head.conv.")
+PREDET_TRANSFERRED = ("backbone.body.", "backbone.fpn.", "rpn.head.conv.", "roi_heads.box_head.")
 
 
 def _fpn_level_count(state: dict) -> int:
@@ -227,11 +227,13 @@ def _fpn_level_count(state: dict) -> int:
 
 def init_from_predet(model: nn.Module, predet_ckpt: dict, arch: DetectorArch) -> dict:
     """Fine-tuning init from a PreDet pre-training: the ResNet, the FPN and, where the
-    shapes fit (Faster R-CNN's RPN), the CRPN's 3×3 trunk. The heads start random: PreDet
-    has no class-specific detection head. RetinaNet and FCOS build their FPN on C3-C5
-    (PreDet's on C2-C5): each FPN level takes the weights of the same ResNet stage; their
-    P6/P7 blocks start random. Returns ``{"copied", "missing", "random"}``; a missing
-    ResNet weight is a ``CheckpointError``."""
+    detector has them with the same shapes (Faster R-CNN), the CRPN's 3×3 trunk as its RPN
+    trunk and the shared box head (fc6/fc7) as its RoI box head. The output layers start
+    random: PreDet has no class-specific detection head. RetinaNet and FCOS build their FPN
+    on C3-C5 (PreDet's on C2-C5): each FPN level takes the weights of the same ResNet stage;
+    their P6/P7 blocks start random. Returns ``{"copied", "missing", "random",
+    "mismatched"}``; a missing or mismatched ResNet weight is a ``CheckpointError``, a
+    head of another size (``predet.arch.box_head_dim``) stays random, with a warning."""
     src_depth = predet_ckpt["arch"].get("depth")
     if src_depth != arch.depth:
         raise CheckpointError(f"the PreDet checkpoint is ResNet-{src_depth}; set model.depth={src_depth}")
@@ -248,16 +250,22 @@ def init_from_predet(model: nn.Module, predet_ckpt: dict, arch: DetectorArch) ->
         return ".".join(parts)
 
     copied, mismatched = _shape_compatible_copy(model, state, rename)
-    if mismatched or copied == 0:
+    if copied == 0 or any(m.startswith("backbone.") for m in mismatched):
         raise CheckpointError(f"the PreDet weights do not fit the {arch.detector}: {copied} copied, "
                               f"mismatched {mismatched[:3]}")
+    if mismatched:
+        log.warning("fine-tuning init from PreDet: %d head tensors have other shapes and start random: %s",
+                    len(mismatched), mismatched[:4])
     missing = _not_provided(model, state, rename, scope="backbone.body.")
     _refuse_missing_backbone(missing, "the PreDet checkpoint")
-    provided = {rename(k) for k in state} - {None}
+    mismatched_names = {m.split(":")[0] for m in mismatched}
+    provided = {rename(k) for k in state} - {None} - mismatched_names
     random = sorted(k for k in model.state_dict() if not _is_counter(k) and k not in provided)
+    parts = [name for prefix, name in (("rpn.head.conv.", "RPN trunk"), ("roi_heads.box_head.", "box head"))
+             if any(k.startswith(prefix) for k in provided)]
     log.info("fine-tuning init from PreDet: %d tensors copied (backbone, FPN%s); %d start random",
-             copied, ", RPN trunk" if any(k.startswith("rpn.head.conv.") for k in provided) else "", len(random))
-    return {"copied": copied, "missing": missing, "random": random}
+             copied, "".join(f", {p}" for p in parts), len(random))
+    return {"copied": copied, "missing": missing, "random": random, "mismatched": mismatched}
 
 
 def check_keep_class_layers(source_classes: list[str], class_names: list[str]) -> None:

@@ -279,8 +279,9 @@ class PredetLoss:
         """The model's inputs for a numpy ``batch``: normalised views, queries, masks, labels."""
         v1, v2, q1, q2, qv = [], [], [], [], []
         for image, queries in zip(batch["image"], batch["queries"]):
-            img = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)
-            boxes = torch.as_tensor(np.asarray(queries, dtype=np.float32).reshape(-1, 4), device=self.device)
+            # torch.tensor copies: Ray Data hands out read-only arrays
+            img = torch.tensor(np.asarray(image), dtype=torch.uint8, device=self.device).permute(2, 0, 1)
+            boxes = torch.tensor(np.asarray(queries, dtype=np.float32).reshape(-1, 4), device=self.device)
             a, b1, b, b2, valid = two_views(img, boxes, self.view_cfg, generator)
             s1, s2, m = sample_queries(b1, b2, valid, num_queries, generator)
             v1.append(a), v2.append(b), q1.append(s1), q2.append(s2), qv.append(m)

@@ -66,10 +66,12 @@ class BenchPretrainingConfig(demo.DemoConfig):
 
 def predet_settings(cfg: BenchPretrainingConfig) -> pretrain.PredetSettings:
     """PreDet at the bench's image size: the views crop at the image size, anchors scaled
-    to it (P2-P6), fewer proposals and negatives than the 480-px default."""
+    to it (P2-P6), fewer proposals and negatives than the 480-px default; trainable BN when
+    the ResNet starts from scratch."""
     size = cfg.image_size
     base = max(4, size // 12)
-    arch = PredetArch(depth=cfg.depth, crop_size=size, anchor_sizes=tuple(base * 2 ** i for i in range(5)),
+    arch = PredetArch(depth=cfg.depth, frozen_bn=cfg.predet_from_classifier, crop_size=size,
+                      anchor_sizes=tuple(base * 2 ** i for i in range(5)),
                       rpn_pre_nms_top_n=300, rpn_post_nms_top_n=150, box_head_dim=256, embed_dim=128)
     return pretrain.PredetSettings(arch=arch, loss=PredetLossConfig(max_negatives=128),
                                    views=ViewConfig(crop_size=size), max_queries=cfg.edgebox_max_boxes)
@@ -93,9 +95,10 @@ def predet_chain(cfg: BenchPretrainingConfig, p: dict, step: demo.Steps) -> dict
             hashtags=build_corpus.HashtagsConfig(jsonl=view.jsonl, vocabulary=view.vocabulary, min_images=1)))
 
     step("build the hashtag view", build_hashtags)
+    # EdgeBoxes' 1,000-pixel box floor is a 32×32 box: scaled to the bench's small images.
     mining = step("mine EdgeBoxes", lambda: mine.run(mine.MineConfig(
         corpus=paths["hashtags"], output=paths["edgeboxes"], source="edgebox",
-        edgebox=mine.EdgeBoxMiningConfig(max_boxes=cfg.edgebox_max_boxes),
+        edgebox=mine.EdgeBoxesConfig(max_boxes=cfg.edgebox_max_boxes, min_box_area=max(16.0, (cfg.image_size / 8) ** 2)),
         batch_size=32, min_actors=1, max_actors=2, ray=cfg.ray)))
     step("PreDet pre-train", lambda: pretrain.run(pretrain.PretrainConfig(
         corpus=paths["hashtags"], boxes=paths["edgeboxes"], output=paths["predet"], method="predet",

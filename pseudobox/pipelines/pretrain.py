@@ -50,8 +50,15 @@ class PredetSettings:
 
     def validate(self) -> None:
         require(self.max_queries >= 1, "predet.max_queries must be >= 1")
-        for part in (self.arch, self.loss, self.views):
-            part.validate()
+        self.arch.validate("predet.arch")
+        self.loss.validate("predet.loss")
+        self.views.validate("predet.views")
+        require(self.views.crop_size == self.arch.crop_size,
+                f"predet.views.crop_size ({self.views.crop_size}) must equal predet.arch.crop_size "
+                f"({self.arch.crop_size}): the model's anchors and RoI pooling are set for that input")
+        require(self.loss.temperature == self.arch.temperature,
+                f"predet.loss.temperature ({self.loss.temperature}) must equal predet.arch.temperature "
+                f"({self.arch.temperature})")
 
 
 @dataclass
@@ -81,6 +88,12 @@ class PretrainConfig:
             part.validate()
         if self.method == "predet":
             self.predet.validate()
+            # InfoNCE at τ = 0.07 on freshly initialised heads diverges within steps unclipped.
+            require(bool(self.classifier) or not self.predet.arch.frozen_bn,
+                    "method=predet without a classifier trains the ResNet from scratch: set "
+                    "predet.arch.frozen_bn=false (frozen BN at its initial statistics normalises nothing)")
+            require(self.optim.grad_clip > 0, "method=predet needs optim.grad_clip > 0 (e.g. 10): its "
+                    "contrastive loss diverges without gradient clipping")
 
     @property
     def depth(self) -> int:

@@ -61,7 +61,9 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
         optimizer.load_state_dict(restored["optimizer_state"])
         scheduler.load_state_dict(restored["scheduler_state"])
         start_step, history = restored["step"], restored.get("history", [])
-    model = trainer.prepare(model, in_ray=local_dir is None, find_unused_parameters=True)
+    # Switched-off loss terms still reach every parameter (at weight 0) unless told not to.
+    model = trainer.prepare(model, in_ray=local_dir is None,
+                            find_unused_parameters=not loss_cfg.keep_all_params_in_graph)
     batches = batches or trainer.dataset_batches("train", optim.batch_size)
     rng = np.random.default_rng(config.get("seed", 0) * 1000 + checkpointer.rank + start_step)
     loss_fn = PredetLoss(views, loss_cfg, len(class_names), device, rng)

@@ -6,6 +6,8 @@ import torch
 
 from pseudobox.config import ConfigError
 from pseudobox.datasets.ray_io import object_array
+from pseudobox.datasets.views import ViewConfig
+from pseudobox.engine import OptimConfig
 from pseudobox.models.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from pseudobox.models.detectors import DetectorArch, build_detector, init_from_predet
 from pseudobox.models.predet import PredetArch, build_predet
@@ -37,12 +39,23 @@ def test_attach_queries_keeps_the_best_valid_boxes_and_drops_images_without_any(
 
 
 def test_predet_config_needs_no_classifier_but_dap_does(tmp_path):
-    cfg = pretrain.PretrainConfig(corpus="c", boxes="b", output="o", method="predet")
+    clipped = OptimConfig(grad_clip=10.0)
+    cfg = pretrain.PretrainConfig(corpus="c", boxes="b", output="o", method="predet", optim=clipped,
+                                  classifier="cls.pt")
     cfg.validate()
+    with pytest.raises(ConfigError, match="optim.grad_clip"):
+        pretrain.PretrainConfig(corpus="c", boxes="b", output="o", method="predet", classifier="c.pt").validate()
+    mismatch = pretrain.PredetSettings(views=ViewConfig(crop_size=224))
+    with pytest.raises(ConfigError, match="predet.arch.frozen_bn=false"):
+        pretrain.PretrainConfig(corpus="c", boxes="b", output="o", method="predet", optim=clipped,
+                                predet=pretrain.PredetSettings(arch=PredetArch(frozen_bn=True))).validate()
+    with pytest.raises(ConfigError, match="predet.views.crop_size"):
+        pretrain.PretrainConfig(corpus="c", boxes="b", output="o", method="predet", optim=clipped,
+                                classifier="c.pt", predet=mismatch).validate()
     with pytest.raises(ConfigError, match="classifier is required"):
         pretrain.PretrainConfig(corpus="c", boxes="b", output="o", method="dap").validate()
-    bad = pretrain.PretrainConfig(corpus="c", boxes="b", output="o", method="predet",
-                                  predet=pretrain.PredetSettings(max_queries=0))
+    bad = pretrain.PretrainConfig(corpus="c", boxes="b", output="o", method="predet", optim=clipped,
+                                  classifier="c.pt", predet=pretrain.PredetSettings(max_queries=0))
     with pytest.raises(ConfigError, match="predet.max_queries"):
         bad.validate()
 
@@ -81,16 +94,31 @@ def test_handoff_copies_backbone_fpn_and_the_rpn_trunk_where_it_fits(tmp_path, d
     for k, v in source.items():
         if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked"):
             assert torch.equal(target[k], v), k
-    if detector == "faster_rcnn":  # same FPN levels (C2-C5), and the RPN's 3×3 trunk
+    if detector == "faster_rcnn":  # same FPN levels (C2-C5), the RPN's 3×3 trunk; box head of another size
         assert torch.equal(target["backbone.fpn.inner_blocks.0.0.weight"], source["backbone.fpn.inner_blocks.0.0.weight"])
         trunk = [k for k in source if k.startswith("rpn.head.conv.")]
         assert trunk and all(torch.equal(target[k], source[k]) for k in trunk)
+        assert "roi_heads.box_head.fc6.weight" in info["random"] and info["mismatched"]
     else:  # FCOS's FPN starts at C3: its level 0 is PreDet's level 1
         assert torch.equal(target["backbone.fpn.inner_blocks.0.0.weight"], source["backbone.fpn.inner_blocks.1.0.weight"])
         assert torch.equal(target["backbone.fpn.layer_blocks.2.0.weight"], source["backbone.fpn.layer_blocks.3.0.weight"])
         assert any(k.startswith("backbone.fpn.extra_blocks.") for k in info["random"])
     assert any(k.startswith(("roi_heads.", "head.")) for k in info["random"])  # heads start fresh
     assert not any(k.startswith("backbone.body.") for k in info["random"])
+
+
+def test_handoff_takes_the_box_head_when_its_shape_fits(tmp_path, one_torch_thread):
+    torch.manual_seed(0)
+    arch = PredetArch(**{**TINY, "box_head_dim": 1024})
+    from pseudobox.config import to_dict
+
+    source = build_predet(arch, 3).state_dict()
+    save_checkpoint(make_checkpoint("predet", to_dict(arch), ["a", "b", "c"], source), str(tmp_path / "p.pt"))
+    det_arch = DetectorArch(depth=18, min_size=(64,), max_size=128, test_size=64)
+    model = build_detector(det_arch, 2)
+    info = init_from_predet(model, load_checkpoint(str(tmp_path / "p.pt")), det_arch)
+    assert torch.equal(model.state_dict()["roi_heads.box_head.fc7.weight"], source["roi_heads.box_head.fc7.weight"])
+    assert not info["mismatched"] and "roi_heads.box_predictor.cls_score.weight" in info["random"]
 
 
 def test_handoff_refuses_another_depth(tmp_path):
@@ -113,11 +141,10 @@ def test_finetune_accepts_a_predet_checkpoint_as_init_detector(tmp_path):
 
 def _worker_config(tmp_path, max_iters, classifier=None):
     from pseudobox.config import to_dict
-    from pseudobox.datasets.views import ViewConfig
-    from pseudobox.engine import OptimConfig
     from pseudobox.models.predet_loss import PredetLossConfig
 
-    optim = OptimConfig(lr=0.01, max_iters=max_iters, batch_size=2, warmup_iters=1, checkpoint_every=2, log_every=1)
+    optim = OptimConfig(lr=0.01, max_iters=max_iters, batch_size=2, warmup_iters=1, checkpoint_every=2, log_every=1,
+                        grad_clip=10.0)
     return {"arch": to_dict(PredetArch(**TINY)), "optim": to_dict(optim), "class_names": ["a", "b", "c"],
             "init": {"classifier": classifier} if classifier else {}, "stage": "pretrain", "seed": 0,
             "loss": to_dict(PredetLossConfig(max_negatives=32)), "views": to_dict(ViewConfig(crop_size=64)),

@@ -112,14 +112,14 @@ def test_an_exploding_unsupervised_loss_stops_the_run(one_torch_thread):
         loss(student, _batch())
 
 
-def test_a_silent_teacher_warns_with_its_score_distribution(one_torch_thread, caplog):
+def test_a_silent_teacher_warns_with_its_score_distribution(one_torch_thread, pseudobox_log):
     student, teacher, loss = _setup("mean-teacher", "faster_rcnn", burn_in=0, monitor_window=2)
     loss.method.pseudo_filter.threshold = 0.999999
     student.train()
     for step in (1, 2):
         loss(student, _batch())
         loss.after_step(step, student)
-    assert any("no pseudo-labels" in r.getMessage() for r in caplog.records)
+    assert any("no pseudo-labels" in r.getMessage() for r in pseudobox_log.records)
 
 
 def test_detector_targets_drop_degenerate_boxes_and_shift_labels():

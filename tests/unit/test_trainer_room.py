@@ -16,8 +16,8 @@ class Streaming:
     (True, 2.0, 1, 2.0, True),
     (False, 2.0, 2, 1.0, False),  # a cluster may autoscale: a warning, not an error
 ])
-def test_workers_must_leave_a_cpu_for_streaming_data(monkeypatch, caplog, local, cpus, workers, cpus_per_worker,
-                                                     refused):
+def test_workers_must_leave_a_cpu_for_streaming_data(monkeypatch, pseudobox_log, local, cpus, workers,
+                                                     cpus_per_worker, refused):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
     monkeypatch.setattr(common, "_STARTED_LOCAL_RAY", local)
     cfg = trainer.WorkersConfig(num_workers=workers, cpus_per_worker=cpus_per_worker)
@@ -26,4 +26,4 @@ def test_workers_must_leave_a_cpu_for_streaming_data(monkeypatch, caplog, local,
             trainer.check_room_for_data(cfg, {"train": Streaming()})
     else:
         trainer.check_room_for_data(cfg, {"train": Streaming()})
-        assert ("leaves none" in caplog.text) == (not local and cpus - workers * cpus_per_worker < 1)
+        assert ("leaves none" in pseudobox_log.text) == (not local and cpus - workers * cpus_per_worker < 1)
