@@ -78,7 +78,7 @@ def main() -> None:
     n = len(images)
     print(f"{n} synthetic scenes {args.size[0]}x{args.size[1]} (2-6 objects), device {device}, 1 thread, "
           f"max_boxes {args.max_boxes}; torch search on {n_torch} images, params {params}")
-    print("\nrecall of GT boxes        | OpenCV | torch | torch/OpenCV")
+    print(f"\nrecall of the {sum(len(g) for g in gts[:n_torch])} GT boxes | OpenCV | torch | torch/OpenCV")
     for k in (100, 1000):
         for iou in (0.5, 0.7):
             r_o = eb.proposal_recall(ocv[:n_torch], gts[:n_torch], k, iou)

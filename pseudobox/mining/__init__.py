@@ -1,1 +1,1 @@
-"""Pseudo-box sources (CAM now; EdgeBoxes and teachers later) and their per-shard outputs."""
+"""Pseudo-box sources (CAM, teacher detections, class-agnostic EdgeBoxes) and their per-shard outputs."""

@@ -34,14 +34,15 @@ The paper's greedy, per-box parts are reformulated for parallel hardware
   batched over all candidates (both trial moves scored together), then β-NMS.
 
 ``backend`` = auto | torch | opencv: auto runs the torch search on CUDA and OpenCV's
-C++ implementation (``cv2.ximgproc``) on CPU, which measured faster there
-(benchmarks/edgeboxes.py; docs/benchmarks.md).
+C++ implementation (``cv2.ximgproc``) on CPU, which measured about 10× faster per core
+there (benchmarks/edgeboxes.py; docs/benchmarks.md). Edge maps are torch on both.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -179,7 +180,7 @@ def thin_edges(mag: torch.Tensor, orientation: torch.Tensor, border: int = 1) ->
     """Non-maximum suppression along the edge normal: a pixel keeps its magnitude only if
     it exceeds the bilinearly interpolated neighbour one pixel ahead along ``orientation``
     and is at least the one behind; ``border`` pixels at the image edge are zeroed."""
-    b, h, w = mag.shape
+    _, h, w = mag.shape
     ys = torch.arange(h, device=mag.device, dtype=mag.dtype).view(1, h, 1)
     xs = torch.arange(w, device=mag.device, dtype=mag.dtype).view(1, 1, w)
     dx, dy = torch.cos(orientation), torch.sin(orientation)
@@ -344,9 +345,9 @@ def group_affinities(label_image: torch.Tensor, mx, my, mo, gamma: float, radius
     """Pairs of groups with pixels within ``radius`` (Chebyshev) of each other, and their
     affinity |cos(θi − θij)·cos(θj − θij)|^γ, θij the normal of the line joining the groups'
     mean positions."""
-    b, h, w = label_image.shape
+    _, h, w = label_image.shape
     pairs = []
-    for dy in range(0, radius + 1):
+    for dy in range(radius + 1):
         for dx in range(-radius, radius + 1):
             if dy == 0 and dx <= 0:
                 continue
@@ -407,7 +408,7 @@ def window_sizes(h: int, w: int, cfg: EdgeBoxesConfig) -> list[tuple[int, int, i
     xy_ratio = (1 - cfg.alpha) / (1 + cfg.alpha)
     min_size = math.sqrt(cfg.min_box_area)
     ay_rad = int(math.log(cfg.max_aspect_ratio) / math.log(ay_step * ay_step))
-    sx_num = int(math.ceil(math.log(max(w, h) / min_size) / math.log(sx_step)))
+    sx_num = math.ceil(math.log(max(w, h) / min_size) / math.log(sx_step))
     out = []
     for s in range(sx_num):
         for a in range(2 * ay_rad + 1):
@@ -418,12 +419,25 @@ def window_sizes(h: int, w: int, cfg: EdgeBoxesConfig) -> list[tuple[int, int, i
     return out
 
 
+def _pad_per_image(per_image: list) -> list[torch.Tensor]:
+    """Per-image contour tensors → ``[B, Cmax]`` each; padding lies outside every box."""
+    cmax = max(1, max(len(p[-1]) for p in per_image))
+    out = []
+    for j, fill in enumerate((-1, -1, 1 << 14, 1 << 14, 0.0)):  # never strictly inside a box
+        ref = per_image[0][j]
+        t = torch.full((len(per_image), cmax), fill, dtype=ref.dtype, device=ref.device)
+        for i, p in enumerate(per_image):
+            t[i, : len(p[j])] = p[j]
+        out.append(t)
+    return out
+
+
 class _Scorer:
     """Scores boxes of one batch: contour magnitude strictly inside, minus the edge
     magnitude in the central half, over (w/2 + h/2)^κ (OpenCV's scale; boxes are integer
     (x0, y0, x1, y1) with x1 = x0 + w, clamped to the image)."""
 
-    def __init__(self, E: torch.Tensor, c: Contours, cfg: EdgeBoxesConfig):
+    def __init__(self, E: torch.Tensor, c: Contours, cfg: EdgeBoxesConfig, padded: bool = False):
         self.b, self.h, self.w = E.shape
         self.cfg, self.c = cfg, c
         mag = torch.where(E > cfg.edge_min_mag, E, torch.zeros_like(E))
@@ -436,6 +450,7 @@ class _Scorer:
         self.coord_dtype = small
         cols = [v[order].to(small).split(counts) for v in (c.x0, c.y0, c.x1, c.y1)] + [c.mag[order].split(counts)]
         self.per_image = list(zip(*cols))
+        self.padded = None if E.device.type == "cpu" and not padded else _pad_per_image(self.per_image)
 
     def _box_sum(self, img, y0, x0, y1, x1):
         """Sum of thresholded magnitude over inclusive pixel ranges (broadcasting)."""
@@ -501,39 +516,50 @@ class _Scorer:
         """Contour magnitude strictly inside each box (``box`` ``[K, 4]`` clamped integers).
         With ``side``, one result per entry of ``values`` (``[K]`` each): the box with that
         side moved there, sharing the test of the other three sides. Each box is compared
-        with every contour of its image, in chunks of about 2^22 comparisons."""
-        variants = [box] if side is None else [box.index_copy(1, torch.tensor([side], device=box.device), v[:, None])
-                                                for v in values]
-        out = [torch.zeros(img.numel(), device=img.device) for _ in variants]
+        with every contour of its image, in chunks of about 2^22 comparisons: per image on
+        the CPU; on other devices all images at once, contours padded per image and
+        gathered per box (no per-image loop, no host sync)."""
+        moved = [] if side is None else [v.to(self.coord_dtype) for v in values]
+        out = [torch.zeros(img.numel(), device=img.device) for _ in (moved or [None])]
+        box = box.to(self.coord_dtype)
+        if self.padded is not None:
+            *sides, mag = self.padded
+            step = max(1, (1 << 24) // max(1, mag.shape[1]))
+            for lo in range(0, img.numel(), step):
+                k = slice(lo, lo + step)
+                i = img[k]
+                self._sums(out, k, box[k], [v[k] for v in moved], side, [t[i] for t in sides], mag[i])
+            return out
         order = torch.argsort(img, stable=True)
         counts = torch.bincount(img, minlength=self.b).tolist()
-        fixed_sides = [k for k in range(4) if k != side]
         start = 0
         for i, n in enumerate(counts):
-            cx0, cy0, cx1, cy1, cm = self.per_image[i]
-            contour_side = (cx0, cy0, cx1, cy1)
-            if n == 0 or cm.numel() == 0:
-                start += n
-                continue
-            step = max(1, (1 << 22) // cm.numel())
-            for lo in range(start, start + n, step):
-                k = order[lo:min(lo + step, start + n)]
-                b = box[k].to(self.coord_dtype)
-
-                def test(k_side, value):  # sides 0, 1 must lie before the contour, 2, 3 after
-                    return value[:, None] < contour_side[k_side] if k_side < 2 else contour_side[k_side] < value[:, None]
-
-                fixed = None
-                for k_side in fixed_sides:
-                    t = test(k_side, b[:, k_side])
-                    fixed = t if fixed is None else fixed.logical_and_(t)
-                if side is None:
-                    out[0][k] = fixed.to(cm.dtype) @ cm
-                else:
-                    for o, v in zip(out, variants):
-                        o[k] = (test(side, v[k, side].to(self.coord_dtype)) & fixed).to(cm.dtype) @ cm
+            *sides, mag = self.per_image[i]
+            if n and mag.numel():
+                step = max(1, (1 << 22) // mag.numel())
+                for lo in range(start, start + n, step):
+                    k = order[lo:min(lo + step, start + n)]
+                    self._sums(out, k, box[k], [v[k] for v in moved], side, sides, mag)
             start += n
         return out
+
+    @staticmethod
+    def _sums(out, k, box, moved, side, contour_sides, mag):
+        """``out[j][k]`` = magnitude of the contours strictly inside ``box`` (with ``side`` at
+        ``moved[j]``); contour tensors are ``[C]`` (one image) or ``[len(k), C]`` (gathered)."""
+
+        def test(which, value):  # sides 0, 1 lie before the contour, sides 2, 3 after it
+            c = contour_sides[which]
+            return value[:, None] < c if which < 2 else c < value[:, None]
+
+        fixed = None
+        for which in range(4):
+            if which != side:
+                t = test(which, box[:, which])
+                fixed = t if fixed is None else fixed.logical_and_(t)
+        masks = [fixed] if side is None else [test(side, v).logical_and_(fixed) for v in moved]
+        for o, m in zip(out, masks):
+            o[k] = m.to(mag.dtype) @ mag if mag.dim() == 1 else (m.to(mag.dtype) * mag).sum(1)
 
     def _finish(self, img, box, inside):
         central, norm = self._central_and_norm(img, box[:, 1], box[:, 0], box[:, 3], box[:, 2])
@@ -622,6 +648,9 @@ def _torch_edge_boxes(E: torch.Tensor, O: torch.Tensor, cfg: EdgeBoxesConfig):
         cand_img.append(img)
         cand_box.append(torch.stack([x0, y0, (x0 + bw).clamp(max=w - 1), (y0 + bh).clamp(max=h - 1)], 1))
         cand_score.append(best[keep])
+    if not cand_img:  # the image is smaller than the smallest window
+        empty = (torch.zeros(0, 4, device=dev), torch.zeros(0, device=dev))
+        return [empty for _ in range(b)]
     img, box, score = torch.cat(cand_img), torch.cat(cand_box), torch.cat(cand_score)
     if cfg.refine and score.numel():
         todo = torch.arange(score.numel(), device=dev)
@@ -694,7 +723,7 @@ def opencv_edge_boxes(E: torch.Tensor, O: torch.Tensor, cfg: EdgeBoxesConfig):
     for e, o in zip(e_np, o_np):
         boxes, scores = eb.getBoundingBoxes(np.ascontiguousarray(e), np.ascontiguousarray(o))
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-        scores = np.asarray(scores, np.float32).reshape(-1)
+        scores = np.asarray(scores, np.float32).reshape(-1)[: len(boxes)]  # an empty result has one stray score
         xyxy = np.concatenate([boxes[:, :2] - 1, boxes[:, :2] - 1 + boxes[:, 2:]], axis=1)
         out.append((torch.from_numpy(xyxy).to(E.device), torch.from_numpy(scores).to(E.device)))
     return out

@@ -120,3 +120,36 @@ def test_recall_parity_with_opencv_on_synthetic_scenes():
     r_ref = eb.proposal_recall(ref, gts, 1000, 0.7)
     assert r_ref > 0.5  # the scenes are not trivial for the oracle either
     assert r_ours >= 0.97 * r_ref, (r_ours, r_ref)
+
+
+def test_box_scores_agree_between_per_image_and_padded_contours():
+    """The CPU loop over images and the all-images-at-once path other devices take score
+    any box the same; and a box's score falls when its border cuts a contour."""
+    torch.manual_seed(0)
+    images = torch.cat([rectangle_image(), rectangle_image(box=(20, 20, 70, 100))])
+    E, O = eb.edge_maps(images)
+    cfg = eb.make_config(backend="torch")
+    contours = eb.contours(E, O, cfg)
+    per_image, padded = eb._Scorer(E, contours, cfg), eb._Scorer(E, contours, cfg, padded=True)
+    assert per_image.padded is None and padded.padded is not None
+    img = torch.randint(0, 2, (300,))
+    xy = torch.randint(0, 120, (300, 2))
+    box = torch.cat([xy, xy + torch.randint(20, 100, (300, 2))], 1)
+    assert torch.allclose(per_image.score(img, box), padded.score(img, box), atol=1e-6)
+    for scorer in (per_image, padded):
+        trials = scorer.side_trials(img, box, 2, (box[:, 2] + 5, box[:, 2] - 5))
+        direct = scorer.score(img, trials[0][0])
+        assert torch.allclose(trials[0][1], direct, atol=1e-6)
+    whole = torch.tensor([[38, 28, 121, 91]])
+    cut = torch.tensor([[38, 28, 80, 91]])  # right side through the rectangle
+    s = per_image.score(torch.tensor([0, 0]), torch.cat([whole, cut]))
+    assert float(s[0]) > 0.1 and float(s[1]) < 0.5 * float(s[0]), s.tolist()
+
+
+def test_blank_and_tiny_images_give_no_boxes():
+    for shape in ((2, 3, 64, 64), (1, 3, 20, 20)):  # no edges; smaller than the smallest window
+        E, O = eb.edge_maps(torch.zeros(shape) if shape[-1] == 64 else torch.rand(shape))
+        for backend in ("torch", "opencv") if eb.opencv_available() else ("torch",):
+            results = eb.edge_boxes(E, O, max_boxes=10, backend=backend)
+            assert len(results) == shape[0]
+            assert all(b.shape == (0, 4) and s.shape == (0,) for b, s in results), backend
