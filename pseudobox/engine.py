@@ -141,6 +141,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def resume_training(restored: dict | None, model: torch.nn.Module, optimizer, scheduler) -> tuple[int, list]:
+    """Load a restored worker checkpoint's model, optimizer and scheduler state; returns
+    ``(start_step, history)``, ``(0, [])`` when there is nothing to resume."""
+    if restored is None:
+        return 0, []
+    model.load_state_dict(restored["model_state"])
+    optimizer.load_state_dict(restored["optimizer_state"])
+    scheduler.load_state_dict(restored["scheduler_state"])
+    return restored["step"], restored.get("history", [])
+
+
 class WorkerCheckpointer:
     """Reports metrics and checkpoints from a training worker.
 

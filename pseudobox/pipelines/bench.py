@@ -114,16 +114,18 @@ def _fingerprint(ft: finetune.FinetuneConfig) -> dict:
     return storage.json_safe(d)
 
 
-def run_seed(cfg: BenchDapConfig, p: dict, workdir: str, seed: int) -> dict:
-    """Split and fine-tune both arms for one seed under ``workdir/seed-<seed>``; an arm
-    recorded in ``results.json`` with the same settings and outputs present is reused."""
+def run_seed(cfg: BenchDapConfig, p: dict, workdir: str, seed: int, arms: tuple = demo.ARMS,
+             bench: str = "bench dap") -> dict:
+    """Split and fine-tune every arm (``demo.ARMS``: CLS and DAP) for one seed under
+    ``workdir/seed-<seed>``; an arm recorded in ``results.json`` with the same settings and
+    outputs present is reused."""
     d = os.path.join(workdir, f"seed-{seed}")
     storage.makedirs(d)
     record_uri, split_uri = os.path.join(d, "results.json"), os.path.join(d, "split.json")
     record = storage.read_json(record_uri) if storage.exists(record_uri) else {}
     record["seed"] = seed
     split_done = False
-    for arm in demo.ARMS:
+    for arm in arms:
         name = arm[0]
         ft = demo.finetune_config(cfg, p, arm, split_uri, d, seed)
         fp = _fingerprint(ft)
@@ -131,7 +133,7 @@ def run_seed(cfg: BenchDapConfig, p: dict, workdir: str, seed: int) -> dict:
         if (isinstance(prev, dict) and prev.get("finetune") == fp and storage.exists(split_uri)
                 and storage.exists(os.path.join(ft.output, "model.pt"))
                 and storage.exists(os.path.join(ft.output, "metrics.json"))):
-            log.info("bench dap: seed %d: reusing %s-init results from %s", seed, name, ft.output)
+            log.info("%s: seed %d: reusing %s-init results from %s", bench, seed, name, ft.output)
             continue
         if not split_done:
             demo.make_split(cfg, p, split_uri, seed)

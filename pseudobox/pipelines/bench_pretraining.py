@@ -33,8 +33,8 @@ from pseudobox.config import path_field, require, to_dict
 from pseudobox.datasets.views import ViewConfig
 from pseudobox.models.predet import PredetArch
 from pseudobox.models.predet_loss import PredetLossConfig
-from pseudobox.pipelines import build_corpus, demo, finetune, mine, pretrain
-from pseudobox.pipelines.bench import CONFIDENCE, _f, _fingerprint, mean_std, paired_summary, verdict
+from pseudobox.pipelines import bench, build_corpus, demo, mine, pretrain
+from pseudobox.pipelines.bench import CONFIDENCE, _f, mean_std, paired_summary, verdict
 from pseudobox.pipelines.common import log
 
 METRICS = (("AP", "AP"), ("AP50", "AP50"), ("VOC_AP50", "VOC AP50"))
@@ -113,33 +113,6 @@ ARMS = (("CLS", "classifier", "classifier", "ft-cls"), ("DAP", "detector", "dap"
         ("PreDet", "detector", "predet", "ft-predet"))
 
 
-def run_seed(cfg: BenchPretrainingConfig, p: dict, workdir: str, seed: int) -> dict:
-    """Split and fine-tune the three arms for one seed under ``workdir/seed-<seed>``; an arm
-    recorded with the same settings and outputs present is reused."""
-    d = os.path.join(workdir, f"seed-{seed}")
-    storage.makedirs(d)
-    record_uri, split_uri = os.path.join(d, "results.json"), os.path.join(d, "split.json")
-    record = storage.read_json(record_uri) if storage.exists(record_uri) else {}
-    record["seed"] = seed
-    split_done = False
-    for arm in ARMS:
-        name = arm[0]
-        ft = demo.finetune_config(cfg, p, arm, split_uri, d, seed)
-        fp = _fingerprint(ft)
-        prev = record.get(name)
-        if (isinstance(prev, dict) and prev.get("finetune") == fp and storage.exists(split_uri)
-                and storage.exists(os.path.join(ft.output, "metrics.json"))):
-            log.info("bench pretraining: seed %d: reusing %s-init results from %s", seed, name, ft.output)
-            continue
-        if not split_done:
-            demo.make_split(cfg, p, split_uri, seed)
-            split_done = True
-        out = finetune.run(ft)
-        record[name] = {"finetune": fp, "metrics": out["metrics"]}
-        storage.write_json(record_uri, record)
-    return record
-
-
 def summarize(per_seed: list[dict], confidence: float = CONFIDENCE) -> dict:
     """Per metric: mean ± std of each arm, and each pair's paired difference."""
     out = {}
@@ -172,7 +145,7 @@ def run(cfg: BenchPretrainingConfig, command: str | None = None) -> dict:
     per_seed = []
     for i in range(cfg.seeds):
         seed = cfg.seed + i
-        r = step(f"fine-tune seed {seed}", lambda: run_seed(cfg, p, w, seed))
+        r = step(f"fine-tune seed {seed}", lambda: bench.run_seed(cfg, p, w, seed, ARMS, "bench pretraining"))
         per_seed.append(r)
         log.info("bench pretraining: seed %d/%d: AP %s", i + 1, cfg.seeds,
                  ", ".join(f"{arm} {_f(r[arm]['metrics'].get('AP'))}" for arm in ARM_NAMES))

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 from pseudobox import storage
 from pseudobox.config import ConfigError, from_dict, path_field, require, to_dict
-from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop, unwrap
+from pseudobox.engine import (
+    OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_training, train_loop, unwrap,
+)
 from pseudobox.models.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from pseudobox.models.classifier import is_weights_name
 from pseudobox.pipelines import trainer
@@ -127,13 +129,7 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
     checkpointer = WorkerCheckpointer(local_dir)
-    start_step, history = 0, []
-    restored = checkpointer.restore()
-    if restored is not None:
-        model.load_state_dict(restored["model_state"])
-        optimizer.load_state_dict(restored["optimizer_state"])
-        scheduler.load_state_dict(restored["scheduler_state"])
-        start_step, history = restored["step"], restored.get("history", [])
+    start_step, history = resume_training(checkpointer.restore(), model, optimizer, scheduler)
     model = trainer.prepare(model, in_ray=local_dir is None)
     batches = batches or trainer.dataset_batches("train", optim.batch_size)
     multi_label = config["multi_label"]

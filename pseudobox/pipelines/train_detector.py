@@ -21,7 +21,9 @@ from pseudobox import storage
 from pseudobox.config import from_dict
 from pseudobox.datasets.ray_io import object_array
 from pseudobox.datasets.transforms import hflip
-from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop, unwrap
+from pseudobox.engine import (
+    OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_training, train_loop, unwrap,
+)
 from pseudobox.models.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from pseudobox.models.detectors import (
     DetectorArch, build_detector, detector_images, init_backbone_from_classifier, transfer_detector_weights,
@@ -165,12 +167,7 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     model.to(device)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
-    start_step, history = 0, []
-    if restored is not None:
-        model.load_state_dict(restored["model_state"])
-        optimizer.load_state_dict(restored["optimizer_state"])
-        scheduler.load_state_dict(restored["scheduler_state"])
-        start_step, history = restored["step"], restored.get("history", [])
+    start_step, history = resume_training(restored, model, optimizer, scheduler)
     model = trainer.prepare(model, in_ray=local_dir is None)
     batches = batches or trainer.dataset_batches("train", optim.batch_size)
     rng = np.random.default_rng(config.get("seed", 0) * 1000 + checkpointer.rank + start_step)

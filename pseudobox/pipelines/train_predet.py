@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from pseudobox.config import from_dict
-from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop, unwrap
+from pseudobox.engine import (
+    OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_training, train_loop, unwrap,
+)
 from pseudobox.models.checkpoint import load_checkpoint, make_checkpoint
 from pseudobox.pipelines import trainer
 
@@ -55,12 +57,7 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     model.to(device)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
-    start_step, history = 0, []
-    if restored is not None:
-        model.load_state_dict(restored["model_state"])
-        optimizer.load_state_dict(restored["optimizer_state"])
-        scheduler.load_state_dict(restored["scheduler_state"])
-        start_step, history = restored["step"], restored.get("history", [])
+    start_step, history = resume_training(restored, model, optimizer, scheduler)
     # Switched-off loss terms still reach every parameter (at weight 0) unless told not to.
     model = trainer.prepare(model, in_ray=local_dir is None,
                             find_unused_parameters=not loss_cfg.keep_all_params_in_graph)

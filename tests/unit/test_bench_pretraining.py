@@ -50,6 +50,7 @@ def test_bench_runs_three_arms_per_seed_and_reports_paired_differences(tmp_path,
         tuned.append((ft.init, os.path.basename(ft.checkpoint), ft.seed))
         storage.makedirs(ft.output)
         storage.write_json(os.path.join(ft.output, "metrics.json"), {})
+        storage.write_bytes(os.path.join(ft.output, "model.pt"), b"x")
         bonus = {"classifier": 0.0, "dap": 3.0 + ft.seed, "predet": 1.0}[os.path.basename(ft.checkpoint)]
         return {"metrics": _metrics(10.0 + ft.seed + bonus)}
 
@@ -61,7 +62,7 @@ def test_bench_runs_three_arms_per_seed_and_reports_paired_differences(tmp_path,
     monkeypatch.setattr(bp, "predet_chain", fake_predet_chain)
     monkeypatch.setattr(bp, "iou_similarity", fake_analysis)
     monkeypatch.setattr(bp.demo, "make_split", lambda cfg, p, output, seed: storage.write_json(output, {}))
-    monkeypatch.setattr(bp.finetune, "run", fake_finetune)
+    monkeypatch.setattr(bp.bench.finetune, "run", fake_finetune)
     w = tmp_path / "b"
     argv = ["bench", "pretraining", "--seeds", "3", "--workdir", str(w)]
     assert cli.main(argv) == 0
