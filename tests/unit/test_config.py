@@ -299,7 +299,8 @@ def test_str_field_override_is_taken_verbatim():
 # ---------------------------------------------------------------- shipped configs
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
-SHIPPED = sorted(CONFIG_DIR.glob("imagenet-dap/*.yaml")) + sorted(CONFIG_DIR.glob("demo/*.yaml"))
+SHIPPED = (sorted(CONFIG_DIR.glob("imagenet-dap/*.yaml")) + sorted(CONFIG_DIR.glob("demo/*.yaml"))
+           + sorted(CONFIG_DIR.glob("ig-predet/*.yaml")))
 
 
 def stage_class(path: pathlib.Path):
@@ -317,7 +318,7 @@ def stage_class(path: pathlib.Path):
 
 
 def test_every_stage_has_shipped_configs():
-    assert {p.parent.name for p in SHIPPED} == {"imagenet-dap", "demo"}
+    assert {p.parent.name for p in SHIPPED} == {"imagenet-dap", "demo", "ig-predet"}
     assert len([p for p in SHIPPED if p.parent.name == "imagenet-dap"]) >= 6
 
 
@@ -331,6 +332,17 @@ def test_shipped_config_loads_and_validates(path):
 def test_shipped_config_comments_match_what_amp_does(path):
     # engine.train_loop autocasts to float16 with a GradScaler on CUDA; nothing uses bf16.
     assert "bf16" not in path.read_text().lower() and "bfloat16" not in path.read_text().lower()
+
+
+def test_ig_predet_pretrain_follows_the_paper():
+    """PreDet Sec. 4: batch 1024, lr 0.2, x0.1 in four uniform steps, 540k iterations, 480² views,
+    16 queries, 512 negatives, tau 0.07; from scratch."""
+    cfg = load_config(PretrainConfig, str(CONFIG_DIR / "ig-predet" / "pretrain-predet.yaml"))
+    assert cfg.method == "predet" and not cfg.classifier and not cfg.predet.arch.frozen_bn
+    assert cfg.optim.batch_size * cfg.workers.num_workers == cfg.optim.reference_batch == 1024
+    assert cfg.optim.lr == 0.2 and cfg.optim.max_iters == 540_000 and cfg.optim.lr_steps == (0.2, 0.4, 0.6, 0.8)
+    assert cfg.predet.arch.crop_size == cfg.predet.views.crop_size == 480 and cfg.predet.arch.num_queries == 16
+    assert cfg.predet.loss.max_negatives == 512 and cfg.predet.loss.temperature == 0.07
 
 
 def test_imagenet_pretrain_follows_the_public_dap_schedule():
