@@ -78,7 +78,9 @@ class PredetArch:
         require(self.depth in (18, 34, 50, 101, 152), f"{prefix}.depth must be 18, 34, 50, 101 or 152")
         require(0 <= self.freeze_at <= 5, f"{prefix}.freeze_at must be in 0..5")
         require(self.num_queries >= 1, f"{prefix}.num_queries must be >= 1")
-        require(self.crop_size >= 64, f"{prefix}.crop_size must be >= 64")
+        require(self.crop_size >= 64 and self.crop_size % 32 == 0,
+                f"{prefix}.crop_size must be a multiple of 32 and >= 64, got {self.crop_size}: anchors take "
+                "their strides from input size // feature size")
         for name in ("embed_dim", "box_head_dim", "crpn_embed_dim", "crpn_reg_dim", "croi_reg_dim",
                      "rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
             require(getattr(self, name) >= 1, f"{prefix}.{name} must be >= 1")

@@ -57,9 +57,6 @@ class PredetLossConfig:
     positive_iou: float = 0.5     # CROI: positive > this IoU to the query; negatives < it to every query
     max_negatives: int = 512
     temperature: float = 0.07
-    # Give every parameter a gradient (0 × the outputs of switched-off terms) so DDP runs
-    # without find_unused_parameters; those parameters then see weight decay only.
-    keep_all_params_in_graph: bool = True
 
     def validate(self, prefix: str = "loss") -> None:
         require(any(getattr(self, t) for t in TERMS),
@@ -206,19 +203,22 @@ def predet_losses(raw: PredetRaw, labels_multi_hot: torch.Tensor, cfg: PredetLos
                 raw.croi_neg_valid, cfg.temperature)
         if cfg.croi_reg:
             out["loss_croi_reg"] = cfg.croi_reg_weight * croi_regression_loss(raw)
-        if cfg.keep_all_params_in_graph:
-            unused = []
-            if not cfg.cls:
-                unused += raw.cls_logits
-            if not cfg.crpn:
-                unused += [raw.crpn_scores, raw.crpn_deltas]
-            if not cfg.info:
-                unused += [raw.query_embed, raw.proposal_embed]
-            if not cfg.croi_reg:
-                unused += [raw.croi_deltas]
-            if unused:
-                first = next(iter(out))
-                out[first] = out[first] + 0.0 * sum(t.float().sum() for t in unused)
+        # Switched-off terms stay in the graph at weight 0: every parameter gets a gradient
+        # on every rank, which DDP needs (its unused-parameter search cannot see into the
+        # PredetRaw dataclass); those parameters see weight decay only. nan_to_num: an
+        # overflowing unused branch must not turn the loss into 0 × inf = NaN.
+        unused = []
+        if not cfg.cls:
+            unused += raw.cls_logits
+        if not cfg.crpn:
+            unused += [raw.crpn_scores, raw.crpn_deltas]
+        if not cfg.info:
+            unused += [raw.query_embed, raw.proposal_embed]
+        if not cfg.croi_reg:
+            unused += [raw.croi_deltas]
+        if unused:
+            first = next(iter(out))
+            out[first] = out[first] + 0.0 * sum(torch.nan_to_num(t.float(), 0.0, 0.0, 0.0).sum() for t in unused)
     return out
 
 

@@ -58,9 +58,8 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
     start_step, history = resume_training(restored, model, optimizer, scheduler)
-    # Switched-off loss terms still reach every parameter (at weight 0) unless told not to.
-    model = trainer.prepare(model, in_ray=local_dir is None,
-                            find_unused_parameters=not loss_cfg.keep_all_params_in_graph)
+    # Switched-off loss terms still reach every parameter (at weight 0): plain DDP works.
+    model = trainer.prepare(model, in_ray=local_dir is None)
     batches = batches or trainer.dataset_batches("train", optim.batch_size)
     rng = np.random.default_rng(config.get("seed", 0) * 1000 + checkpointer.rank + start_step)
     loss_fn = PredetLoss(views, loss_cfg, len(class_names), device, rng)

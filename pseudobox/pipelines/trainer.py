@@ -129,16 +129,13 @@ def worker_device(use_gpu: bool, threads: int):
     return torch.device("cpu")
 
 
-def prepare(model: torch.nn.Module, in_ray: bool = True, find_unused_parameters: bool = False) -> torch.nn.Module:
-    """Move to the worker's device and wrap in DDP when there are several workers.
-    ``find_unused_parameters``: some parameters may get no gradient in a step (a loss term
-    switched off, a branch without positives); DDP must then not wait for them."""
+def prepare(model: torch.nn.Module, in_ray: bool = True) -> torch.nn.Module:
+    """Move to the worker's device and wrap in DDP when there are several workers."""
     if not in_ray:
         return model
     import ray.train.torch
 
-    kwargs = {"find_unused_parameters": True} if find_unused_parameters else None
-    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
+    return ray.train.torch.prepare_model(model)
 
 
 def dataset_batches(name: str, batch_size: int):
