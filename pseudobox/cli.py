@@ -192,10 +192,15 @@ class Command:
     verbose: bool = False
 
 
+def stage_name(args: argparse.Namespace) -> str:
+    """``mine``, ``bench dap``, ``analyze iou-similarity`` ...: the command the arguments name."""
+    return {"bench": f"bench {getattr(args, 'bench', '')}",
+            "analyze": f"analyze {getattr(args, 'analysis', '')}"}.get(args.stage, args.stage)
+
+
 def command_of(args: argparse.Namespace) -> Command:
     """Turn parsed arguments into a stage and its overrides; flags become ``key=value``."""
-    stage = {"bench": f"bench {getattr(args, 'bench', '')}",
-             "analyze": f"analyze {getattr(args, 'analysis', '')}"}.get(args.stage, args.stage)
+    stage = stage_name(args)
     overrides = list(args.overrides)
     flags: list[str] = []
     if args.stage in ("demo", "bench") and args.workdir is not None:
@@ -240,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ["PSEUDOBOX_VERBOSE"] = "1"
     setup_logging(verbose=args.verbose)
-    what = {"bench": f"bench {getattr(args, 'bench', '')}",
-            "analyze": f"analyze {getattr(args, 'analysis', '')}"}.get(args.stage, args.stage)
+    what = stage_name(args)
     try:
         command = command_of(args)
         cls, run = load_stage(command.stage)
