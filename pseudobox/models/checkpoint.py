@@ -156,8 +156,9 @@ def resolve_checkpoint(uri: str) -> str:
     raise CheckpointError(f"no {MODEL_FILE} under {uri} (expected a model.pt, a checkpoint dir or a run dir)")
 
 
-def load_checkpoint(uri: str, expect_type: str | None = None) -> dict:
-    """Load and check a checkpoint; a corrupt, unsafe or mismatched one gets a clear error."""
+def load_checkpoint(uri: str, expect_type: str | tuple[str, ...] | None = None) -> dict:
+    """Load and check a checkpoint; a corrupt, unsafe or mismatched one gets a clear error.
+    ``expect_type``: the ``model_type`` needed, or a tuple of the acceptable ones."""
     path = resolve_checkpoint(uri)
     ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -165,8 +166,10 @@ def load_checkpoint(uri: str, expect_type: str | None = None) -> dict:
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format_version {ckpt.get('format_version')} "
                               f"is not supported (expected {FORMAT_VERSION})")
-    if expect_type and ckpt.get("model_type") != expect_type:
-        raise CheckpointError(f"{path} holds a {ckpt.get('model_type')} but a {expect_type} is needed here")
+    accepted = (expect_type,) if isinstance(expect_type, str) else tuple(expect_type or ())
+    if accepted and ckpt.get("model_type") not in accepted:
+        raise CheckpointError(f"{path} holds a {ckpt.get('model_type')} but a {' or a '.join(accepted)} "
+                              "is needed here")
     for field in ("arch", "class_names", "model_state"):
         if field not in ckpt:
             raise CheckpointError(f"{path} lacks '{field}'")

@@ -150,9 +150,9 @@ def check_init_checkpoint(init: str, checkpoint: str, model: DetectorArch) -> di
     the same ResNet depth, and for a detector the same detector kind."""
     if init == "random":
         return None
-    predet = init == "detector" and load_checkpoint(checkpoint).get("model_type") == "predet"
-    ckpt = load_checkpoint(checkpoint, expect_type="predet" if predet else
+    ckpt = load_checkpoint(checkpoint, expect_type=train_detector.DETECTOR_INIT_TYPES if init == "detector" else
                            "detector" if init == "backbone" else init)
+    predet = ckpt["model_type"] == "predet"
     arch = ckpt["arch"]
     require(arch.get("depth") == model.depth,
             f"the {init} checkpoint is ResNet-{arch.get('depth')}; set model.depth={arch.get('depth')}")

@@ -24,12 +24,14 @@ from pseudobox.datasets.transforms import hflip
 from pseudobox.engine import (
     OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_training, train_loop, unwrap,
 )
-from pseudobox.models.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
+from pseudobox.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from pseudobox.models.detectors import (
     DetectorArch, build_detector, detector_images, init_backbone_from_classifier, transfer_detector_weights,
 )
 from pseudobox.pipelines import trainer
 
+# What ``init=detector`` starts from: a detector, or a PreDet pre-training (its backbone).
+DETECTOR_INIT_TYPES = ("detector", "predet")
 MIN_BOX_SIDE = 1.0  # pixels; torchvision rejects boxes without positive width and height
 BEST_MODEL_FILE = "model_best.pt"
 log = logging.getLogger("pseudobox")
@@ -78,14 +80,11 @@ def initialise(model, arch: DetectorArch, init: dict, class_names: list[str] | N
     ResNet of a detector of any kind), ``{"classifier": uri}`` or ``{}`` (random).
     """
     if init.get("detector"):
-        ckpt = load_checkpoint(init["detector"])
-        if ckpt.get("model_type") == "predet":  # the checkpoint says what it holds
+        ckpt = load_checkpoint(init["detector"], expect_type=DETECTOR_INIT_TYPES)
+        if ckpt["model_type"] == "predet":  # the checkpoint says what it holds
             from pseudobox.models.detectors import init_from_predet
 
             return {"from": "predet", **init_from_predet(model, ckpt, arch)}
-        if ckpt.get("model_type") != "detector":
-            raise CheckpointError(f"{init['detector']} holds a {ckpt.get('model_type')}, not a detector or a "
-                                  "PreDet pre-training")
         info = transfer_detector_weights(model, ckpt, arch,
                                          class_names=class_names,
                                          keep_class_layers=bool(init.get("keep_class_layers", False)))
