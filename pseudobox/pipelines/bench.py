@@ -95,6 +95,17 @@ def _f(x, sign: bool = False) -> str:
     return f"{x:+.1f}" if sign else f"{x:.1f}"
 
 
+def publish(workdir: str, name: str, result: dict, text: str) -> dict:
+    """Write a bench's result as ``<workdir>/<name>.json`` and its table as ``<name>.md``
+    (each atomically), print the table and where both went; returns ``result``."""
+    json_uri, md_uri = os.path.join(workdir, f"{name}.json"), os.path.join(workdir, f"{name}.md")
+    storage.write_json(json_uri, result)
+    storage.write_text(md_uri, text)
+    print(text)
+    print(f"written: {md_uri}, {json_uri}")
+    return result
+
+
 # --------------------------------------------------------------------------- the bench
 
 @dataclass
@@ -181,12 +192,7 @@ def run(cfg: BenchDapConfig, command: str | None = None) -> dict:
         "total_seconds": round(time.time() - t0, 1),
         "config": to_dict(cfg),
     }
-    text = format_markdown(result)
-    storage.write_json(os.path.join(w, "bench-dap.json"), result)
-    storage.write_text(os.path.join(w, "bench-dap.md"), text)
-    print(text)
-    print(f"written: {os.path.join(w, 'bench-dap.md')}, {os.path.join(w, 'bench-dap.json')}")
-    return result
+    return publish(w, "bench-dap", result, format_markdown(result))
 
 
 def format_markdown(result: dict) -> str:

@@ -167,12 +167,7 @@ def run(cfg: BenchPretrainingConfig, command: str | None = None) -> dict:
         "total_seconds": round(time.time() - t0, 1),
         "config": to_dict(cfg),
     }
-    text = format_markdown(result)
-    storage.write_json(os.path.join(w, "bench-pretraining.json"), result)
-    storage.write_text(os.path.join(w, "bench-pretraining.md"), text)
-    print(text)
-    print(f"written: {os.path.join(w, 'bench-pretraining.md')}, {os.path.join(w, 'bench-pretraining.json')}")
-    return result
+    return bench.publish(w, "bench-pretraining", result, format_markdown(result))
 
 
 def format_markdown(result: dict) -> str:

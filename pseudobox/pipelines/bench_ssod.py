@@ -27,7 +27,7 @@ from pseudobox.config import path_field, require, to_dict
 from pseudobox.engine import OptimConfig
 from pseudobox.models.detectors import DetectorArch
 from pseudobox.pipelines import build_corpus, demo, finetune_ssod, split, trainer
-from pseudobox.pipelines.bench import CONFIDENCE, _f, mean_std, paired_summary
+from pseudobox.pipelines.bench import CONFIDENCE, _f, mean_std, paired_summary, publish
 from pseudobox.pipelines.common import RayConfig, init_ray, log
 from pseudobox.ssod.methods import METHODS, SsodConfig
 
@@ -209,12 +209,7 @@ def run(cfg: BenchSsodConfig, command: str | None = None) -> dict:
               "arms": [list(a) for a in table], "seed_values": [cfg.seed + i for i in range(cfg.seeds)],
               "per_seed": per_seed, "summary": summarize(per_seed, table), "confidence": CONFIDENCE,
               "seconds": step.timings, "total_seconds": round(time.time() - t0, 1), "config": to_dict(cfg)}
-    text = format_markdown(result, cfg)
-    storage.write_json(os.path.join(w, "bench-ssod.json"), result)
-    storage.write_text(os.path.join(w, "bench-ssod.md"), text)
-    print(text)
-    print(f"written: {os.path.join(w, 'bench-ssod.md')}, {os.path.join(w, 'bench-ssod.json')}")
-    return result
+    return publish(w, "bench-ssod", result, format_markdown(result, cfg))
 
 
 def format_markdown(result: dict, cfg: BenchSsodConfig) -> str:
