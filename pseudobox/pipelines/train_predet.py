@@ -15,22 +15,10 @@ from pseudobox.config import from_dict
 from pseudobox.engine import (
     OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_training, train_loop, unwrap,
 )
-from pseudobox.models.checkpoint import load_checkpoint, make_checkpoint
-from pseudobox.pipelines import trainer
+from pseudobox.models.checkpoint import make_checkpoint
+from pseudobox.pipelines import train_detector, trainer
 
 MODEL_TYPE = "predet"
-
-
-def initialise(model, arch, init: dict) -> dict:
-    """``{"classifier": uri}``: the ResNet from a classifier checkpoint (FPN and heads random);
-    ``{}``: everything random (the paper pre-trains from scratch)."""
-    if init.get("classifier"):
-        from pseudobox.models.detectors import init_backbone_from_classifier
-
-        info = init_backbone_from_classifier(model, load_checkpoint(init["classifier"], expect_type="classifier"),
-                                             arch)
-        return {"from": "classifier", **info}
-    return {"from": "random"}
 
 
 def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
@@ -51,7 +39,8 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     checkpointer = WorkerCheckpointer(local_dir)
     restored = checkpointer.restore()
     if restored is None:
-        init_info = initialise(model, arch, config["init"])
+        # {"classifier": uri}: the ResNet from a classifier; {}: random, as in the paper.
+        init_info = train_detector.initialise(model, arch, config["init"])
     else:  # the run's own init, as its first checkpoint recorded it
         init_info = restored.get("init", {"from": "restored"})
     model.to(device)
