@@ -62,7 +62,7 @@ def test_checkpoint_of_the_wrong_kind(capsys, tmp_path):
     ckpt = make_classifier_checkpoint(str(tmp_path / "cls.pt"), ["a", "b"])
     code, err = run(["finetune", f"corpus={corpus}", "init=detector", f"checkpoint={ckpt}", f"output={tmp_path}/ft",
                      "model.depth=18"], capsys)
-    assert code == 2 and "classifier but a detector is needed" in err
+    assert code == 2 and "holds a classifier but a detector or a predet is needed" in err
 
 
 def test_missing_config_file(capsys, tmp_path):
