@@ -219,7 +219,8 @@ def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool,
     "labelled": bool}``): then each actor decodes its own batches (``ray_io.DecodingActor``,
     on its GPU when it holds one), so no decoded image crosses the object store.
     ``pool`` is the stage config: ``batch_size``, ``min_actors``, ``max_actors``,
-    ``cpus_per_actor``. With ``use_gpu`` each actor reserves one GPU and runs on CUDA;
+    ``cpus_per_actor``, ``gpus_per_actor``. With ``use_gpu`` each actor reserves
+    ``gpus_per_actor`` GPUs (a fraction shares one GPU between actors) and runs on CUDA;
     otherwise it runs on the CPU with ``cpus_per_actor`` threads, never on a GPU it did
     not reserve. ``expected``: samples per shard of this run. Returns the writer's reports.
     """
@@ -235,7 +236,7 @@ def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool,
     out = ds.map_batches(
         fn, fn_constructor_kwargs=fn_kwargs, batch_size=pool.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        num_gpus=1 if use_gpu else 0, num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus_per_actor if use_gpu else 0, num_cpus=pool.cpus_per_actor,
     )
     progress = ShardProgress(stage, expected, min_interval=min_interval)
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
@@ -259,6 +260,9 @@ def validate_actor_pool(cfg) -> None:
     require(1 <= cfg.min_actors <= cfg.max_actors, "need 1 <= min_actors <= max_actors")
     require(cfg.use_gpu in ("auto", "true", "false"), "use_gpu must be auto, true or false")
     require(cfg.cpus_per_actor > 0, "cpus_per_actor must be > 0")
+    # Ray accepts a fraction below 1 (actors share the GPU) or a whole number of GPUs.
+    require(0 < cfg.gpus_per_actor <= 1 or float(cfg.gpus_per_actor).is_integer(),
+            f"gpus_per_actor must be a fraction in (0, 1] or a whole number, got {cfg.gpus_per_actor}")
 
 
 # Settings a training re-submission applies instead of refusing: the schedule length,

@@ -29,7 +29,7 @@ from pseudobox.pipelines.common import (
 SOURCES = ("cam", "teacher", "edgebox")
 # Settings a re-submission may change (they only place and group the work, never change a
 # box); every other one must equal run.json's, since finished shards are kept.
-APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "cpus_per_actor", "export_coco", "ray")
+APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "gpus_per_actor", "cpus_per_actor", "export_coco", "ray")
 
 
 @dataclass
@@ -72,6 +72,7 @@ class MineConfig:
     min_actors: int = 1
     max_actors: int = 2
     use_gpu: str = "auto"
+    gpus_per_actor: float = 1.0  # with use_gpu; a fraction (0.5) packs several actors on one GPU
     cpus_per_actor: float = 1.0
     export_coco: bool = True
     ray: RayConfig = field(default_factory=RayConfig)

@@ -45,7 +45,7 @@ from pseudobox.pipelines.common import (
 SOURCE = "predict"
 # Settings a re-submission may change: they place and group the work, or only redraw the
 # gallery; none changes a detection of a finished shard.
-APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "cpus_per_actor", "gallery", "gallery_score", "ray")
+APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "gpus_per_actor", "cpus_per_actor", "gallery", "gallery_score", "ray")
 DETECTIONS_FILE = "detections.json"
 COCO_FILE = "predictions_coco.json"
 
@@ -61,6 +61,7 @@ class PredictConfig:
     min_actors: int = 1
     max_actors: int = 2
     use_gpu: str = "auto"
+    gpus_per_actor: float = 1.0  # with use_gpu; a fraction (0.5) packs several actors on one GPU
     cpus_per_actor: float = 1.0
     files_per_shard: int = 256      # image folders: files per pseudo-shard (the unit of resume)
     gallery: int = 8                # images drawn into gallery/ (0: none)
