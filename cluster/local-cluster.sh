@@ -9,6 +9,11 @@
 #
 # Then, from the repository root:
 #   export RAY_AUTH_MODE=token
+# No per-node metrics exporter: it would listen on all interfaces and answer /metrics
+# without the token (docs/operations.md, section 7). torch.distributed's Gloo traffic
+# between Train workers stays on the loopback interface.
+export RAY_enable_metrics_collection=${RAY_enable_metrics_collection:-0}
+export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
 #   .venv/bin/ray job submit --address http://127.0.0.1:8299 --working-dir . -- \
 #       pseudobox mine --config configs/demo/mine.yaml \
 #       corpus=$PWD/pseudobox-demo/corpus checkpoint=$PWD/pseudobox-demo/classifier \

@@ -238,6 +238,7 @@ def _summary(result) -> str:
 def main(argv: list[str] | None = None) -> int:
     from pseudobox import storage
     from pseudobox.datasets.corpus import CorpusError
+    from pseudobox.mining.outputs import MissingSamplesError
     from pseudobox.models.checkpoint import CheckpointError
     from pseudobox.pipelines.common import setup_logging
 
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(_summary(run(cfg)))
         return 0
+    except MissingSamplesError as e:  # everything was written; the input had gaps
+        print(f"pseudobox {what}: error: {e}", file=sys.stderr)
+        return 3
     except (ConfigError, storage.StorageError, CorpusError, CheckpointError) as e:
         print(f"pseudobox {what}: error: {e}", file=sys.stderr)
         return 2

@@ -152,6 +152,24 @@ def resume_training(restored: dict | None, model: torch.nn.Module, optimizer, sc
     return restored["step"], restored.get("history", [])
 
 
+def run_init(restored: dict | None, initialise: Callable[[], dict]) -> dict:
+    """The run's ``init`` record for its checkpoints and ``model.pt``: on a fresh start,
+    ``initialise()`` applies the stage's initialisation and returns its record; after a
+    restore (a lost worker, a re-submission) it is the record the restored checkpoint
+    carries, so every later checkpoint still names what the run started from."""
+    if restored is None:
+        return initialise()
+    return restored.get("init") or {"from": "unrecorded"}
+
+
+def resume_record(restored: dict | None) -> list[dict]:
+    """The run's restores so far, for its checkpoints: the restored checkpoint's list plus
+    this restore (``{"step": N}``, the step training continues from); empty on a fresh start."""
+    if restored is None:
+        return []
+    return [*restored.get("resumes", []), {"step": int(restored["step"])}]
+
+
 class WorkerCheckpointer:
     """Reports metrics and checkpoints from a training worker.
 
@@ -312,6 +330,9 @@ def train_loop(model: torch.nn.Module, optimizer, scheduler, cfg: OptimConfig,
     lead = checkpointer.rank == 0
     if lead:
         log.info("%s: %s", stage, precision_note(amp_dtype, device))
+        if start_step:
+            log.info("%s: resumed at step %d of %d from the run's latest checkpoint", stage, start_step,
+                     cfg.max_iters)
     scalars = ScalarLog(tensorboard, purge_step=start_step) if tensorboard and lead else None
     images_per_step = cfg.batch_size * checkpointer.world_size  # nominal, all workers together
     running: dict[str, float] = {}

@@ -17,6 +17,7 @@ import dataclasses
 import io
 import json
 import os
+import posixpath
 import tarfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -33,6 +34,24 @@ IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 class CorpusError(ValueError):
     """A corpus that cannot be used (missing manifest, wrong schema version...)."""
+
+
+def safe_join(root: str, relative: str, what: str, plain_name: bool = False) -> str:
+    """``root`` joined with a path read from a manifest, list or config, refused with a
+    ``CorpusError`` naming ``what`` unless it stays under ``root``: no absolute path, no
+    URI, no ``..`` above the root (``../../x``). ``plain_name``: a bare file name, no
+    directories at all (shard names in ``corpus.json``)."""
+    text = str(relative)
+    norm = posixpath.normpath(text.replace("\\", "/"))
+    escapes = (not text.strip() or "://" in text or text.startswith(("/", "\\", "~")) or os.path.isabs(text)
+               or norm == "." or norm == ".." or norm.startswith("../") or "\0" in text)
+    if plain_name and not escapes:
+        escapes = "/" in text or "\\" in text
+    if escapes:
+        kind = "a plain file name (no directories)" if plain_name else f"a relative path that stays under {root}"
+        raise CorpusError(f"{what}: {text!r} is not {kind}; refused")
+    rel = posixpath.normpath(text)
+    return storage.join(root, rel) if "://" in root else os.path.join(root, rel)
 
 
 @dataclass
@@ -68,6 +87,8 @@ class CorpusManifest:
         if not isinstance(d.get("classes"), list) or not d["classes"]:
             raise CorpusError(f"{where}: 'classes' must be a non-empty list")
         shards = [ShardInfo(**s) for s in d.get("shards", [])]
+        for s in shards:  # shard files live directly beside corpus.json, never elsewhere
+            safe_join(".", s.name, f"{where}: shard name", plain_name=True)
         return cls(
             classes=list(d["classes"]), shards=shards, kind=d.get("kind", "classification"),
             multi_label=bool(d.get("multi_label", False)), has_boxes=bool(d.get("has_boxes", False)),

@@ -2,8 +2,10 @@
 
 Layout under the output URI::
 
-    parts/<shard>.parquet    one part per input shard (committed last: its presence = shard done)
-    reports/<shard>.json     per-shard report: samples, boxes, errors by kind, quality counts
+    parts/<shard>.parquet    one part per input shard
+    reports/<shard>.json     per-shard report: samples, boxes, errors by kind, quality counts, and
+                             the done-manifest of the shard: its part's name, bytes and sha256,
+                             and the identity of the input shard it came from (``storage.identity``)
     mining.json              run summary (written at the end)
     pseudo_boxes.coco.json   optional COCO export (``export_coco``)
 
@@ -12,10 +14,22 @@ Layout under the output URI::
 
 Parquet columns: key, shard, boxes (list of [x1,y1,x2,y2] image pixels), labels,
 scores, width, height, source, error.
+
+Exactly once: the part is written first and the report last, both atomically, so a report
+vouches for a complete part. A shard is done (``shard_states``) only when its report is
+there, its part has the recorded size and its input is the one it was mined from; anything
+else is mined again, whole. A part has one row per sample key (the writer drops repeats).
+Readers (``read_part``) check the part against its report's sha256. Samples the input
+manifest promised but that never produced a row (a truncated or zero-byte tar, a missing
+shard file) are ``missing_samples`` in the report; ``check_missing`` turns them into a
+``MissingSamplesError`` unless the run allows them.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
+import posixpath
 import time
 
 import numpy as np
@@ -34,6 +48,29 @@ PART_SCHEMA = pa.schema([
     ("source", pa.string()), ("error", pa.string()),
 ])
 QUALITY_FIELDS = ("corloc_hits", "corloc_images", "gt_boxes", "gt_recalled")
+DONE = "done"
+log = logging.getLogger("pseudobox")
+
+
+class PartError(storage.StorageError):
+    """A part that does not match its report (corrupt, replaced, or with no report)."""
+
+
+class MissingSamplesError(RuntimeError):
+    """Samples the input manifest promised that produced no row; ``missing``: per shard."""
+
+    def __init__(self, stage: str, missing: dict[str, int]):
+        self.stage, self.missing = stage, dict(missing)
+        super().__init__(
+            f"{stage}: {sum(missing.values())} samples the corpus manifest promised produced no row, in "
+            f"{len(missing)} shard(s): {format_missing(missing)}. Everything else was written. Repair or "
+            "replace those shards and re-run the same command (only shards whose input changed are redone), "
+            "or re-run with allow_missing=true to accept the gaps.")
+
+
+def format_missing(missing: dict[str, int], limit: int = 10) -> str:
+    items = [f"{s} ({n})" for s, n in sorted(missing.items())]
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def shard_stem(shard: str) -> str:
@@ -48,10 +85,95 @@ def report_uri(out_uri: str, shard: str) -> str:
     return storage.join(out_uri, "reports", shard_stem(shard) + ".json")
 
 
-def done_shards(out_uri: str) -> set[str]:
-    """Shards whose part is complete (parts are written atomically, so present = complete)."""
-    return {n[: -len(".parquet")] + ".tar" for n in storage.listdir(storage.join(out_uri, "parts"))
-            if n.endswith(".parquet")}
+def _listing(dir_uri: str) -> dict[str, dict]:
+    """``{name: listing entry}`` of the files directly under ``dir_uri`` (one listing)."""
+    fs, path = storage.split_uri(dir_uri)
+
+    def entries() -> list[dict]:
+        return fs.ls(path, detail=True) if fs.exists(path) else []
+
+    return {posixpath.basename(e["name"].rstrip("/")): e for e in storage.retrying(dir_uri, "list", entries)
+            if e.get("type") != "directory"}
+
+
+def input_identities(root_uri: str, names: list[str]) -> dict[str, dict]:
+    """``storage.identity`` of each named file directly under ``root_uri``, from one
+    listing; a name that is not there gets ``{"uri", "missing": True}``."""
+    listing = _listing(root_uri)
+    out = {}
+    for name in names:
+        uri = storage.join(root_uri, name)
+        out[name] = storage.identity(uri, listing[name]) if name in listing else {"uri": uri, "missing": True}
+    return out
+
+
+def same_input(recorded: dict | None, current: dict) -> bool:
+    """Whether two identities name the same version of an input (the URI may differ)."""
+    if not isinstance(recorded, dict):
+        return False
+    return {k: v for k, v in recorded.items() if k != "uri"} == {k: v for k, v in current.items() if k != "uri"}
+
+
+def shard_states(out_uri: str, current: dict[str, dict] | None = None) -> dict[str, str]:
+    """State of every shard that has a report or a part: ``"done"``, or why it is not.
+
+    Done means: the report exists and carries the part's checksum, the part exists with
+    the recorded size, and (when ``current`` identities are given) the input shard is the
+    one it was mined from. Reports written before parts had checksums are not done.
+    """
+    current = None if current is None else {shard_stem(k) + ".tar": v for k, v in current.items()}
+    parts = _listing(storage.join(out_uri, "parts"))
+    reports_dir = storage.join(out_uri, "reports")
+    states: dict[str, str] = {}
+    for name in parts:
+        if name.endswith(".parquet"):
+            states[name[: -len(".parquet")] + ".tar"] = "part without report (interrupted)"
+    for name in storage.listdir(reports_dir):
+        if not name.endswith(".json"):
+            continue
+        shard = name[: -len(".json")] + ".tar"
+        report = storage.read_json(storage.join(reports_dir, name))
+        part = report.get("part") if isinstance(report, dict) else None
+        entry = parts.get(shard_stem(shard) + ".parquet")
+        if not isinstance(part, dict) or "sha256" not in part:
+            states[shard] = "report without part checksum (written by an older pseudobox)"
+        elif entry is None:
+            states[shard] = "report without part"
+        elif int(entry["size"]) != int(part.get("bytes", -1)):
+            states[shard] = f"part has {entry['size']} bytes, its report says {part.get('bytes')}"
+        elif current is not None and shard in current and not same_input(report.get("input"), current[shard]):
+            states[shard] = f"input changed since it was mined ({_describe(report.get('input'))} -> {_describe(current[shard])})"
+        else:
+            states[shard] = DONE
+    return states
+
+
+def _describe(ident: dict | None) -> str:
+    if not isinstance(ident, dict):
+        return "unknown"
+    if ident.get("missing"):
+        return "missing"
+    return ", ".join(f"{k} {v}" for k, v in ident.items() if k != "uri")
+
+
+def done_shards(out_uri: str, current: dict[str, dict] | None = None) -> set[str]:
+    """Shards whose output is complete and (with ``current``) from the current input."""
+    return {s for s, state in shard_states(out_uri, current).items() if state == DONE}
+
+
+def plan_shards(out_uri: str, stage: str, current: dict[str, dict]) -> tuple[set[str], list[str]]:
+    """``(done, pending)`` over the shards of ``current`` (name → input identity). Logs why
+    each shard with earlier output is redone, and deletes its report first, so it does not
+    count as done (or vouch for an old part) until it is written again."""
+    states = shard_states(out_uri, current)
+    state = {s: states.get(shard_stem(s) + ".tar") for s in current}
+    done = {s for s in current if state[s] == DONE}
+    pending = [s for s in current if s not in done]
+    for shard in pending:
+        if state[shard] is not None:
+            log.warning("%s: %s is redone: %s", stage, shard, state[shard])
+            storage.remove(report_uri(out_uri, shard))
+    return done, pending
 
 
 def box_quality(boxes, labels, scores, image_labels, gt_boxes, gt_labels, iou: float = 0.5) -> dict:
@@ -119,20 +241,26 @@ def _is_sample(row: dict) -> bool:
 
 
 class ShardPartWriter:
-    """Buffers mined rows per shard and writes each shard's part and report atomically.
+    """Buffers mined rows per shard and writes each shard's part, then its report.
 
     A shard is written as soon as all the samples its manifest promises have arrived.
     Rows that arrive after that (Ray Data does not keep row order, so a shard-level error
     record can come last) are merged into the written part at ``close()``, and shards
-    cut short (truncated tars) are written there too.
+    cut short (truncated tars) are written there too. A key seen before in its shard (a
+    re-executed read or batch) is dropped, so a part never holds a key twice.
+    ``inputs``: identity of each input shard (``input_identities``), taken before it is
+    read and recorded in its report, so a later run can tell when it changed.
     """
 
-    def __init__(self, out_uri: str, expected: dict[str, int], source: str):
+    def __init__(self, out_uri: str, expected: dict[str, int], source: str, inputs: dict[str, dict] | None = None):
         self.out_uri, self.expected, self.source = out_uri, dict(expected), source
+        self.inputs = dict(inputs or {})
         self.buffers: dict[str, list[dict]] = {}
         self.samples: dict[str, int] = {}
+        self.keys: dict[str, set[str]] = {}   # buffered keys; after a flush, its shard-record keys
         self.late: dict[str, list[dict]] = {}
         self.reports: dict[str, dict] = {}
+        self.duplicates = 0
 
     def add_batch(self, batch: dict) -> list[str]:
         """Take one output batch; returns the shards it completed."""
@@ -143,6 +271,11 @@ class ShardPartWriter:
             if shard in self.reports:
                 self.late.setdefault(shard, []).append(row)
                 continue
+            seen = self.keys.setdefault(shard, set())
+            if str(row["key"]) in seen:
+                self.duplicates += 1
+                continue
+            seen.add(str(row["key"]))
             self.buffers.setdefault(shard, []).append(row)
             self.samples[shard] = self.samples.get(shard, 0) + _is_sample(row)
             if self.samples[shard] >= self.expected.get(shard, float("inf")):
@@ -185,28 +318,99 @@ class ShardPartWriter:
     def _write(self, shard: str, table: pa.Table, report: dict) -> dict:
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        # Report first, part last: the part's presence is what marks the shard complete.
+        data = buf.getvalue()
+        if shard in self.reports:  # rewriting a written shard: not done until its new report lands
+            storage.remove(report_uri(self.out_uri, shard))
+        # Part first, report last: the report vouches for a complete part (its size and sha256).
+        storage.write_bytes(part_uri(self.out_uri, shard), data)
+        report = {**report, "part": {"name": storage.basename(part_uri(self.out_uri, shard)), "bytes": len(data),
+                                     "sha256": hashlib.sha256(data).hexdigest()},
+                  "input": self.inputs.get(shard)}
         storage.write_json(report_uri(self.out_uri, shard), report)
-        storage.write_bytes(part_uri(self.out_uri, shard), buf.getvalue())
         self.reports[shard] = report
         return report
 
     def flush(self, shard: str) -> dict:
         rows = self.buffers.pop(shard, [])
+        # Sample keys are in the part from now on; shard records (no row) are remembered here.
+        self.keys[shard] = {str(r["key"]) for r in rows if not _is_sample(r)}
         return self._write(shard, self._table(shard, rows), self._report(shard, rows))
 
     def close(self) -> dict[str, dict]:
         for shard in list(self.buffers):
             self.flush(shard)
         for shard, rows in self.late.items():
-            table = pa.concat_tables([read_part(part_uri(self.out_uri, shard)), self._table(shard, rows)])
-            self._write(shard, table, self._report(shard, rows, previous=self.reports[shard]))
+            old = read_part(part_uri(self.out_uri, shard))
+            seen = set(old.column("key").to_pylist()) | self.keys.get(shard, set())
+            new = []
+            for r in rows:
+                if str(r["key"]) in seen:
+                    self.duplicates += 1
+                    continue
+                seen.add(str(r["key"]))
+                new.append(r)
+            self.keys[shard] = {k for k in seen if k.startswith("__")}
+            if new:
+                table = pa.concat_tables([old, self._table(shard, new)])
+                self._write(shard, table, self._report(shard, new, previous=self.reports[shard]))
         self.late = {}
+        if self.duplicates:
+            log.info("%s: dropped %d repeated rows (a re-executed read or batch)", self.source, self.duplicates)
+        return self.reports
+
+    def write_unread(self, shards, reason: str = "unread_shard") -> dict[str, dict]:
+        """An empty part and a report for each of ``shards`` that produced no row at all
+        (its file is missing, or its read yielded nothing), so its samples count as missing."""
+        for shard in shards:
+            if shard not in self.reports and shard not in self.buffers:
+                report = self._report(shard, [])
+                report["errors"] = {reason: 1, **report["errors"]}
+                self._write(shard, self._table(shard, []), report)
         return self.reports
 
 
 def read_part(uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    """A part's table, after checking its bytes against the sha256 in its shard's report.
+
+    Raises ``PartError`` naming the part when they differ, or when the part has no report
+    to vouch for it (its shard was not finished)."""
+    data = storage.read_bytes(uri)
+    head, parts_dir, name = uri.rstrip("/").rsplit("/", 2)
+    rep_uri = storage.join(head, "reports", name[: -len(".parquet")] + ".json")
+    if parts_dir != "parts" or not name.endswith(".parquet") or not storage.exists(rep_uri):
+        raise PartError(f"part {uri} has no report ({rep_uri}): its shard was not finished; "
+                        "re-run the stage to redo it")
+    recorded = (storage.read_json(rep_uri).get("part") or {}).get("sha256")
+    if recorded is None:
+        raise PartError(f"part {uri}: its report {rep_uri} has no checksum (written by an older pseudobox); "
+                        "re-run the stage to redo the shard")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != recorded:
+        raise PartError(f"part {uri} is corrupt or was replaced: its sha256 is {actual}, its report {rep_uri} "
+                        f"records {recorded}. Delete that report and re-run the stage to redo the shard")
+    return pq.read_table(io.BytesIO(data))
+
+
+def missing_samples(reports: dict[str, dict]) -> dict[str, int]:
+    """``{shard: samples its manifest promised that produced no row}``, for shards with any."""
+    out = {}
+    for shard, r in reports.items():
+        n = int((r.get("errors") or {}).get("missing_samples", 0))
+        if n > 0:
+            out[shard] = n
+    return out
+
+
+def check_missing(reports: dict[str, dict], stage: str, allow_missing: bool) -> dict[str, int]:
+    """Raise ``MissingSamplesError`` when any shard is missing samples, unless
+    ``allow_missing``: then log one loud WARNING line. Returns the missing counts."""
+    missing = missing_samples(reports)
+    if missing and not allow_missing:
+        raise MissingSamplesError(stage, missing)
+    if missing:
+        log.warning("%s: WARNING: %d samples missing (no row) in %d shard(s), accepted by allow_missing=true: %s",
+                    stage, sum(missing.values()), len(missing), format_missing(missing))
+    return missing
 
 
 def load_reports(out_uri: str) -> dict[str, dict]:
@@ -235,18 +439,21 @@ def load_mined_boxes(out_uri: str, shard: str) -> dict[str, tuple[np.ndarray, np
     uri = part_uri(out_uri, shard)
     if not storage.exists(uri):
         return {}
-    t = read_part(uri).to_pydict()
+    t = read_part(uri).to_pydict()  # checked against its report
     return {k: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(lab, np.int64), np.asarray(s, np.float32))
             for k, b, lab, s, e in zip(t["key"], t["boxes"], t["labels"], t["scores"], t["error"]) if not e}
 
 
 def export_coco(out_uri: str, class_names: list[str], dest_uri: str) -> dict:
-    """Write all parts as one COCO-format JSON (xywh boxes, pseudo-labels with scores)."""
+    """Write all finished parts (those with a report) as one COCO-format JSON (xywh boxes,
+    pseudo-labels with scores); each part is checked against its report's sha256."""
     images, annotations = [], []
-    for name in storage.listdir(storage.join(out_uri, "parts")):
-        if not name.endswith(".parquet"):
+    parts = set(storage.listdir(storage.join(out_uri, "parts")))
+    for name in storage.listdir(storage.join(out_uri, "reports")):
+        part = name[: -len(".json")] + ".parquet"
+        if not name.endswith(".json") or part not in parts:
             continue
-        t = read_part(storage.join(out_uri, "parts", name)).to_pydict()
+        t = read_part(storage.join(out_uri, "parts", part)).to_pydict()
         for key, boxes, labels, scores, w, h, err in zip(t["key"], t["boxes"], t["labels"], t["scores"],
                                                           t["width"], t["height"], t["error"]):
             if err:

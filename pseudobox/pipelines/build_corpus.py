@@ -46,7 +46,8 @@ import numpy as np
 from pseudobox import storage
 from pseudobox.config import ConfigError, path_field, require
 from pseudobox.datasets.corpus import (
-    MANIFEST_NAME, CorpusError, CorpusManifest, CorpusWriter, ShardInfo, encode_image, shard_name, write_shard,
+    MANIFEST_NAME, CorpusError, CorpusManifest, CorpusWriter, ShardInfo, encode_image, safe_join, shard_name,
+    write_shard,
 )
 from pseudobox.pipelines.common import RayConfig, check_same_run, config_defaults, log, run_fingerprint
 
@@ -257,6 +258,8 @@ def plan_coco(cfg: BuildCorpusConfig) -> Plan:
         area = [None if a.get("area") is None else float(a["area"]) for a in anns]
         labels = sorted({c for c, is_crowd in zip(box_labels, crowd) if not is_crowd})
         meta = {"labels": labels, "boxes": boxes, "box_labels": box_labels, "iscrowd": crowd, "area": area}
+        # Image paths are read relative to source and must stay under it (no ../, no absolute path).
+        safe_join(cfg.source, img["file_name"], f"{cfg.annotations}: image id {img['id']} file_name")
         stem = os.path.splitext(img["file_name"])[0]
         samples.append((safe_key(f"{img['id']}_{stem}"), img["file_name"], json.dumps(meta)))
     return Plan([c["name"] for c in categories], "detection", samples,
@@ -272,7 +275,10 @@ def plan_voc(cfg: BuildCorpusConfig) -> Plan:
     samples = []
     for split in cfg.splits:
         year, image_set = split.split("/")
-        for image_id in voc.read_image_set(voc.image_set_path(cfg.source, year, image_set)):
+        set_path = voc.image_set_path(cfg.source, year, image_set)
+        for image_id in voc.read_image_set(set_path):
+            # Ids name files under the devkit: plain names only (no ../, no directories).
+            safe_join(cfg.source, image_id, f"{set_path}: image id", plain_name=True)
             meta = voc.parse_annotation(voc.annotation_path(cfg.source, year, image_id), class_index)
             samples.append((safe_key(f"{year}_{image_id}"), voc.image_relpath(year, image_id), json.dumps(meta)))
     return Plan(classes, "detection", samples, {"builder": "voc", "source": cfg.source, "splits": list(cfg.splits)})
@@ -286,12 +292,12 @@ def _image_base(cfg: BuildCorpusConfig) -> str:
     return jsonl.rsplit("/", 1)[0] if "://" in jsonl else os.path.dirname(os.path.abspath(jsonl))
 
 
-def _resolve_image(base: str, image: str) -> str:
+def _resolve_image(base: str, image: str, what: str = "image") -> str:
+    """A URI or absolute path as given; a relative path under ``base``, which it may not leave."""
     if "://" in image or os.path.isabs(image):
         return image
-    if "://" in base:
-        return storage.join(base, image)
-    return os.path.normpath(os.path.join(base, image))
+    path = safe_join(base, image, what)
+    return path if "://" in base else os.path.normpath(path)
 
 
 def _jsonl_lines(uri: str) -> Iterator[bytes]:
@@ -318,7 +324,7 @@ def plan_hashtags(cfg: BuildCorpusConfig) -> Plan:
     for item in index.images:
         stem = os.path.splitext(item.image.rsplit("/", 1)[-1])[0]
         meta = {"labels": [index.kept_classes[c] for c in item.classes], "tags": item.tags}
-        samples.append((safe_key(f"{item.line:08d}_{stem}"[:120]), _resolve_image(base, item.image), json.dumps(meta)))
+        samples.append((safe_key(f"{item.line:08d}_{stem}"[:120]), _resolve_image(base, item.image, f"{h.jsonl}: line {item.line}: image"), json.dumps(meta)))
     extra = {"builder": "hashtags", "jsonl": h.jsonl, "vocabulary": h.vocabulary,
              "vocabulary_classes": list(vocab.classes), "hashtags": index.report}
     return Plan(index.kept_classes, "classification", samples, extra, multi_label=True)

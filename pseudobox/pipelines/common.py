@@ -84,11 +84,14 @@ def init_ray(cfg: RayConfig) -> None:
         if address:
             ray.init(address=address, **quiet)
         else:
-            # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
-            # without it that actor logs a warning every few seconds.
-            ray.init(num_cpus=cfg.num_cpus or local_cpus(), include_dashboard=True, dashboard_host="127.0.0.1",
-                     _node_ip_address="127.0.0.1",
-                     object_store_memory=cfg.object_store_mb * 1024 * 1024, **quiet)
+            # Loopback only, metrics export off, its own temp dir, stopped with its driver
+            # (pseudobox/local_ray.py). The dashboard (on 127.0.0.1) serves the state API that
+            # Ray Train's placement-group cleaner polls; without it that actor logs a warning
+            # every few seconds.
+            from pseudobox.local_ray import init_local
+
+            init_local(num_cpus=cfg.num_cpus or local_cpus(),
+                       object_store_memory=cfg.object_store_mb * 1024 * 1024, **quiet)
             _STARTED_LOCAL_RAY = True
     if not verbose:
         hide_ray_warnings()
@@ -210,7 +213,8 @@ class ShardProgress:
 
 
 def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool, writer, stage: str,
-                   expected: dict[str, int], min_interval: float = 5.0, decode: dict | None = None) -> dict:
+                   expected: dict[str, int], min_interval: float = 5.0, decode: dict | None = None,
+                   reread: Callable | None = None, max_pool_failures: int = 3) -> dict:
     """Stream ``ds`` through ``actor_cls`` on an autoscaling Ray Data actor pool and hand
     each output batch to ``writer`` (``mining.outputs.ShardPartWriter``), which writes a
     shard's part as soon as the shard is complete; logs progress.
@@ -223,6 +227,12 @@ def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool,
     ``gpus_per_actor`` GPUs (a fraction shares one GPU between actors) and runs on CUDA;
     otherwise it runs on the CPU with ``cpus_per_actor`` threads, never on a GPU it did
     not reserve. ``expected``: samples per shard of this run. Returns the writer's reports.
+
+    Ray Data restarts an actor that crashes, but an actor removed for good (``ray.kill``,
+    a node drained without restart) fails the whole dataset. With ``reread`` (shard names →
+    a new ``ds`` over them), the pool is then started again over the shards not yet
+    written, up to ``max_pool_failures`` times; rows that arrive twice are dropped by the
+    writer, so every sample still gets exactly one row.
     """
     import ray.data
 
@@ -233,16 +243,27 @@ def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool,
         from pseudobox.datasets.ray_io import DecodingActor
 
         fn, fn_kwargs = DecodingActor, {"actor_cls": actor_cls, "actor_kwargs": kwargs, **decode}
-    out = ds.map_batches(
-        fn, fn_constructor_kwargs=fn_kwargs, batch_size=pool.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        num_gpus=pool.gpus_per_actor if use_gpu else 0, num_cpus=pool.cpus_per_actor,
-    )
     progress = ShardProgress(stage, expected, min_interval=min_interval)
-    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-        progress.add_images(sum(1 for k in batch["key"] if not str(k).startswith("__")))  # not shard records
-        for shard in writer.add_batch(batch):
-            progress.shard_done(shard)
+    for attempt in range(max_pool_failures + 1):
+        out = ds.map_batches(
+            fn, fn_constructor_kwargs=fn_kwargs, batch_size=pool.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            num_gpus=pool.gpus_per_actor if use_gpu else 0, num_cpus=pool.cpus_per_actor,
+        )
+        try:
+            for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+                progress.add_images(sum(1 for k in batch["key"] if not str(k).startswith("__")))  # not shard records
+                for shard in writer.add_batch(batch):
+                    progress.shard_done(shard)
+            break
+        except Exception as exc:
+            unfinished = [s for s in expected if s not in writer.reports]
+            if reread is None or attempt == max_pool_failures or not lost_actor(exc) or not unfinished:
+                raise
+            log.warning("%s: an actor of the pool was lost for good (%s); starting the pool again over the %d "
+                        "unfinished shard(s) (retry %d of %d)", stage, type(exc).__name__, len(unfinished),
+                        attempt + 1, max_pool_failures)
+            ds = reread(unfinished)
     reports = writer.close()
     for shard in reports:
         if shard not in progress.shards:  # cut short: written at close
@@ -254,6 +275,19 @@ def run_shard_pool(ds, actor_cls, constructor_kwargs: dict, pool, use_gpu: bool,
     return reports
 
 
+def lost_actor(exc: BaseException) -> bool:
+    """Whether an error (or one it wraps) is Ray's report of a dead actor."""
+    from ray.exceptions import RayActorError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, RayActorError):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return False
+
+
 def validate_actor_pool(cfg) -> None:
     """The checks of the actor-pool settings ``mine`` and ``predict`` share."""
     require(cfg.batch_size >= 1, "batch_size must be >= 1")
@@ -261,7 +295,7 @@ def validate_actor_pool(cfg) -> None:
     require(cfg.use_gpu in ("auto", "true", "false"), "use_gpu must be auto, true or false")
     require(cfg.cpus_per_actor > 0, "cpus_per_actor must be > 0")
     # Ray accepts a fraction below 1 (actors share the GPU) or a whole number of GPUs.
-    require(0 < cfg.gpus_per_actor <= 1 or float(cfg.gpus_per_actor).is_integer(),
+    require(cfg.gpus_per_actor > 0 and (cfg.gpus_per_actor <= 1 or float(cfg.gpus_per_actor).is_integer()),
             f"gpus_per_actor must be a fraction in (0, 1] or a whole number, got {cfg.gpus_per_actor}")
 
 

@@ -25,7 +25,7 @@ import torch
 
 from pseudobox import storage
 from pseudobox.config import from_dict, path_field, require, to_dict
-from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, train_loop
+from pseudobox.engine import OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, run_init, train_loop
 from pseudobox.models.checkpoint import MODEL_FILE, make_checkpoint, save_checkpoint
 from pseudobox.models.detectors import (
     DetectorArch, DetectorForward, build_detector, detector_images, inner_detector,
@@ -196,8 +196,8 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     detector = build_detector(arch, len(class_names))
     checkpointer = WorkerCheckpointer(local_dir)
     restored = checkpointer.restore()
-    init_info = (train_detector.initialise(detector, arch, config["init"], class_names) if restored is None
-                 else {"from": "restored"})
+    # After a restore: the run's own init, as its first checkpoint recorded it.
+    init_info = run_init(restored, lambda: train_detector.initialise(detector, arch, config["init"], class_names))
     if restored is not None:
         detector.load_state_dict(restored["model_state"])
     detector.to(device)

@@ -8,8 +8,12 @@ label −1; it needs no checkpoint and no image labels (images are decoded witho
 
 read shards (light tasks) → decode + box source in one autoscaling actor pool (one GPU
 per actor when the cluster has GPUs; JPEGs decoded on it) → one parquet part per shard,
-written by the driver as each shard completes. Re-running skips shards whose part exists; its
-settings must equal the first run's (run.json), except those in ``APPLIABLE``.
+written by the driver as each shard completes, then its report (the shard's done-manifest:
+part checksum and the identity of the input shard). Re-running skips shards that are done
+and redoes those whose input changed (a repaired shard); its settings must equal the first
+run's (run.json), except those in ``APPLIABLE``. Samples the manifest promises that produce
+no row (a truncated, zero-byte or missing shard) end the run, after everything is written,
+with ``outputs.MissingSamplesError`` (exit code 3) unless ``allow_missing``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from pseudobox.pipelines.common import (
 SOURCES = ("cam", "teacher", "edgebox")
 # Settings a re-submission may change (they only place and group the work, never change a
 # box); every other one must equal run.json's, since finished shards are kept.
-APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "gpus_per_actor", "cpus_per_actor", "export_coco", "ray")
+APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "gpus_per_actor", "cpus_per_actor", "export_coco", "allow_missing", "ray")
 
 
 @dataclass
@@ -75,6 +79,9 @@ class MineConfig:
     gpus_per_actor: float = 1.0  # with use_gpu; a fraction (0.5) packs several actors on one GPU
     cpus_per_actor: float = 1.0
     export_coco: bool = True
+    # Samples the corpus manifest promises that produce no row (truncated, zero-byte or missing
+    # shards): false ends the run with exit code 3 after writing everything; true logs a warning.
+    allow_missing: bool = False
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
@@ -128,16 +135,24 @@ def run(cfg: MineConfig) -> dict:
     # Resuming is per shard, so all parts of one output must come from one setting.
     check_same_run(cfg.output, run_fingerprint("mine", cfg), appliable=APPLIABLE,
                    defaults=config_defaults(cfg))
-    done = outputs.done_shards(cfg.output)
-    pending = [s.name for s in manifest.shards if s.name not in done]
+    # Each input shard's identity, taken before it is read: a shard changed since it was
+    # mined (repaired, replaced) is redone; the others are kept.
+    identities = outputs.input_identities(cfg.corpus, [s.name for s in manifest.shards])
+    done, pending = outputs.plan_shards(cfg.output, "mine", identities)
     log.info("mine: %d shards, %d already complete, %d to do", len(manifest.shards), len(done), len(pending))
+    absent = [s for s in pending if identities[s].get("missing")]
+    readable = [s for s in pending if s not in absent]
+    expected = {s.name: s.num_samples for s in manifest.shards}
+    writer = outputs.ShardPartWriter(cfg.output, expected, cfg.source, inputs=identities)
     started = time.time()
-    if pending:
+    if readable:
         init_ray(cfg.ray)
         use_gpu = resolve_use_gpu(cfg.use_gpu)
         # Raw rows: each actor decodes its own batches (on its GPU when it has one), and the
         # light read tasks reserve no core the actors need (docs/benchmarks.md, Ray overhead).
-        ds = ray_io.read_corpus(cfg.corpus, shards=pending, read_cpus=ray_io.FUSED_READ_CPUS)
+        def read(shards):
+            return ray_io.read_corpus(cfg.corpus, shards=shards, read_cpus=ray_io.FUSED_READ_CPUS)
+
         cam = {"checkpoint_uri": cfg.checkpoint, "scales": cfg.cam.scales, "flip": cfg.cam.flip,
                "thresholds": cfg.cam.thresholds, "nms_iou": cfg.cam.nms_iou,
                "min_component_ratio": cfg.cam.min_component_ratio, "max_components": cfg.cam.max_components,
@@ -145,15 +160,17 @@ def run(cfg: MineConfig) -> dict:
         actor, kwargs = {"teacher": (TeacherBoxMiner, cfg.teacher.actor_kwargs(cfg.checkpoint)),
                          "edgebox": (EdgeBoxMiner, {"config": to_dict(cfg.edgebox)}),
                          "cam": (CamBoxMiner, cam)}[cfg.source]
-        expected = {s.name: s.num_samples for s in manifest.shards}
-        writer = outputs.ShardPartWriter(cfg.output, expected, cfg.source)
         # EdgeBoxes read only pixels: decoding without labels lets unlabelled corpora through.
-        run_shard_pool(ds, actor, kwargs, cfg, use_gpu, writer, "mine", {s: expected[s] for s in pending},
-                       decode={"classes": manifest.classes, "labelled": cfg.source != "edgebox"})
-    summary = outputs.summarize(outputs.load_reports(cfg.output))
+        run_shard_pool(read(readable), actor, kwargs, cfg, use_gpu, writer, "mine", {s: expected[s] for s in readable},
+                       decode={"classes": manifest.classes, "labelled": cfg.source != "edgebox"}, reread=read)
+        writer.write_unread(readable)  # a read that yielded no row at all
+    writer.write_unread(absent, "missing_shard")
+    reports = outputs.load_reports(cfg.output)
+    summary = outputs.summarize(reports)
     summary.update({"corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "source": cfg.source,
                     "classes": manifest.classes, "config": to_dict(cfg),
-                    "seconds_this_run": time.time() - started, "shards_this_run": len(pending)})
+                    "seconds_this_run": time.time() - started, "shards_this_run": len(pending),
+                    "missing_samples": outputs.missing_samples(reports)})
     storage.write_json(storage.join(cfg.output, "mining.json"), summary)
     if cfg.export_coco and cfg.source == "edgebox":  # label −1 has no COCO category
         log.info("mine: no COCO export for source=edgebox (class-agnostic boxes); the parts hold them")
@@ -162,4 +179,5 @@ def run(cfg: MineConfig) -> dict:
     if summary["corloc"] is not None:
         log.info("mine: CorLoc %.1f%%, box recall@0.5 %.1f%%, %.2f boxes/image",
                  summary["corloc"], summary["recall50"], summary["boxes_per_image"])
+    outputs.check_missing(reports, "mine", cfg.allow_missing)  # last: everything above is written
     return summary

@@ -4,8 +4,11 @@ read (corpus shards, or pseudo-shards of an image folder; CPU tasks) → decode 
 ``DetectorPredictor`` (autoscaling actor pool, one GPU per actor when the cluster has
 GPUs) → one parquet part per shard, written by the driver as each shard completes; the
 same machinery and layout as ``mine`` (``common.run_shard_pool``,
-``mining/outputs.py``), so a re-run skips the shards whose part exists and must keep
-the first run's settings (run.json), except those in ``APPLIABLE``.
+``mining/outputs.py``), so a re-run skips the shards that are done, redoes those whose
+input changed (for an image folder: any file of the pseudo-shard), and must keep the
+first run's settings (run.json), except those in ``APPLIABLE``. Missing samples (a
+truncated, zero-byte or missing corpus shard) end the run with
+``outputs.MissingSamplesError`` (exit code 3) unless ``allow_missing``.
 
 Output under ``output``::
 
@@ -45,7 +48,7 @@ from pseudobox.pipelines.common import (
 SOURCE = "predict"
 # Settings a re-submission may change: they place and group the work, or only redraw the
 # gallery; none changes a detection of a finished shard.
-APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "gpus_per_actor", "cpus_per_actor", "gallery", "gallery_score", "ray")
+APPLIABLE = ("batch_size", "min_actors", "max_actors", "use_gpu", "gpus_per_actor", "cpus_per_actor", "gallery", "gallery_score", "allow_missing", "ray")
 DETECTIONS_FILE = "detections.json"
 COCO_FILE = "predictions_coco.json"
 
@@ -66,6 +69,7 @@ class PredictConfig:
     files_per_shard: int = 256      # image folders: files per pseudo-shard (the unit of resume)
     gallery: int = 8                # images drawn into gallery/ (0: none)
     gallery_score: float = 0.3      # detections drawn in the gallery (all are kept in the outputs)
+    allow_missing: bool = False     # true: samples that produced no row (cut shards) only log a warning
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> None:
@@ -148,6 +152,7 @@ class Inputs:
     groups: dict[str, list[str]] | None   # image folders: files per pseudo-shard
     has_boxes: bool = False
     classes: list[str] = field(default_factory=list)  # the corpus's (gallery ground truth)
+    identities: dict[str, dict] = field(default_factory=dict)  # per (pseudo-)shard, for resume
 
     def fingerprint(self) -> dict:
         """What the output's parts depend on besides the config: an image folder's files
@@ -171,9 +176,30 @@ def load_inputs(uri: str, files_per_shard: int) -> Inputs:
 
     if is_corpus(uri):
         m = load_manifest(uri)
-        return Inputs(uri, {s.name: s.num_samples for s in m.shards}, None, m.has_boxes, m.classes)
+        names = [s.name for s in m.shards]
+        return Inputs(uri, {s.name: s.num_samples for s in m.shards}, None, m.has_boxes, m.classes,
+                      outputs.input_identities(uri, names))
     groups = ray_io.image_folder_shards(ray_io.list_image_files(uri), files_per_shard)
-    return Inputs(uri, {s: len(fs) for s, fs in groups.items()}, groups)
+    return Inputs(uri, {s: len(fs) for s, fs in groups.items()}, groups, identities=folder_identities(uri, groups))
+
+
+def folder_identities(uri: str, groups: dict[str, list[str]]) -> dict[str, dict]:
+    """One identity per pseudo-shard of an image folder: its file count, total size and a
+    digest of each file's ``storage.identity`` (size and ETag or mtime), from one listing."""
+    fs, root = storage.split_uri(uri)
+    root = root.rstrip("/")
+    found = storage.retrying(uri, "list", lambda: fs.find(root, detail=True))
+    listing = {path[len(root):].lstrip("/"): info for path, info in found.items()}
+    out = {}
+    for shard, files in groups.items():
+        digest, size = hashlib.sha256(), 0
+        for rel in files:
+            info = listing.get(rel)
+            ident = storage.identity(storage.join(uri, rel), info) if info else {"missing": True}
+            size += int(ident.get("size", 0))
+            digest.update((rel + "\t" + str(sorted((k, v) for k, v in ident.items() if k != "uri")) + "\n").encode())
+        out[shard] = {"uri": uri, "files": len(files), "size": size, "sha256": digest.hexdigest()}
+    return out
 
 
 # ---------------------------------------------------------------- outputs
@@ -310,29 +336,35 @@ def run(cfg: PredictConfig) -> dict:
     class_names = load_checkpoint(cfg.checkpoint, expect_type="detector")["class_names"]
     inputs = load_inputs(cfg.corpus, cfg.files_per_shard)
     check_same_run(cfg.output, {**run_fingerprint("predict", cfg), **inputs.fingerprint()}, appliable=APPLIABLE)
-    done = {outputs.shard_stem(s) for s in outputs.done_shards(cfg.output)}
-    pending = [s for s in inputs.expected if outputs.shard_stem(s) not in done]
-    log.info("predict: %d shards, %d already complete, %d to do", len(inputs.expected),
-             len(inputs.expected) - len(pending), len(pending))
+    done, pending = outputs.plan_shards(cfg.output, "predict", inputs.identities)
+    log.info("predict: %d shards, %d already complete, %d to do", len(inputs.expected), len(done), len(pending))
+    absent = [s for s in pending if inputs.groups is None and inputs.identities[s].get("missing")]
+    readable = [s for s in pending if s not in absent]
+    writer = outputs.ShardPartWriter(cfg.output, inputs.expected, SOURCE, inputs=inputs.identities)
     started = time.time()
-    if pending:
+    if readable:
         init_ray(cfg.ray)
         use_gpu = resolve_use_gpu(cfg.use_gpu)
-        writer = outputs.ShardPartWriter(cfg.output, inputs.expected, SOURCE)
-        run_shard_pool(inputs.dataset(pending, cfg.batch_size), DetectorPredictor,
+        run_shard_pool(inputs.dataset(readable, cfg.batch_size), DetectorPredictor,
                        {"checkpoint_uri": cfg.checkpoint, "score_threshold": cfg.score_threshold,
                         "test_size": cfg.test_size},
-                       cfg, use_gpu, writer, "predict", {s: inputs.expected[s] for s in pending})
+                       cfg, use_gpu, writer, "predict", {s: inputs.expected[s] for s in readable},
+                       reread=lambda shards: inputs.dataset(shards, cfg.batch_size))
+        writer.write_unread(readable)  # a read that yielded no row at all
+    writer.write_unread(absent, "missing_shard")
     coco = write_predictions(cfg.output, class_names)
     gallery = write_gallery(inputs, cfg.output, class_names, cfg.gallery, cfg.gallery_score) if cfg.gallery else []
-    summary = outputs.summarize(outputs.load_reports(cfg.output))
+    reports = outputs.load_reports(cfg.output)
+    summary = outputs.summarize(reports)
     for k in ("corloc", "recall50", "corloc_hits", "corloc_images", "gt_boxes", "gt_recalled"):
         summary.pop(k, None)  # CAM-mining quality counts: not meaningful for detections
     summary.update({"images": len(coco["images"]), "detections": len(coco["annotations"]),
                     "corpus": cfg.corpus, "checkpoint": cfg.checkpoint, "classes": class_names,
                     "input": "corpus" if inputs.groups is None else "image_folder", "gallery": gallery,
-                    "config": to_dict(cfg), "seconds_this_run": time.time() - started, "shards_this_run": len(pending)})
+                    "config": to_dict(cfg), "seconds_this_run": time.time() - started, "shards_this_run": len(pending),
+                    "missing_samples": outputs.missing_samples(reports)})
     storage.write_json(storage.join(cfg.output, "predict.json"), summary)
     log.info("predict: %d detections on %d images → %s", summary["detections"], summary["images"],
              storage.join(cfg.output, DETECTIONS_FILE))
+    outputs.check_missing(reports, "predict", cfg.allow_missing)  # last: everything above is written
     return summary

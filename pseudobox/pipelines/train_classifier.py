@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from pseudobox import storage
 from pseudobox.config import ConfigError, from_dict, path_field, require, to_dict
 from pseudobox.engine import (
-    OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_training, train_loop, unwrap,
+    OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_record, resume_training, run_init,
+    train_loop, unwrap,
 )
 from pseudobox.models.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from pseudobox.models.classifier import is_weights_name
@@ -119,6 +120,17 @@ def build_model(cfg: dict, num_classes: int):
     return model
 
 
+def init_record(cfg: dict) -> dict:
+    """What ``build_model`` started the ResNet from, for the checkpoints: a pseudobox
+    classifier (``init_checkpoint``), torchvision or state_dict ``weights``, or random."""
+    m = cfg["model"]
+    if m["init_checkpoint"]:
+        return {"from": "classifier", "checkpoint": m["init_checkpoint"]}
+    if m["weights"]:
+        return {"from": "weights", "weights": m["weights"]}
+    return {"from": "random"}
+
+
 def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     """One training worker. Inside Ray Train by default; ``local_dir``/``batches`` run it
     without Ray (tests)."""
@@ -129,7 +141,10 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
     checkpointer = WorkerCheckpointer(local_dir)
-    start_step, history = resume_training(checkpointer.restore(), model, optimizer, scheduler)
+    restored = checkpointer.restore()
+    init_info = run_init(restored, lambda: init_record(cfg))
+    resumes = resume_record(restored)
+    start_step, history = resume_training(restored, model, optimizer, scheduler)
     model = trainer.prepare(model, in_ray=local_dir is None)
     batches = batches or trainer.dataset_batches("train", optim.batch_size)
     multi_label = config["multi_label"]
@@ -144,7 +159,7 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
                                unwrap(model).state_dict(), optimizer_state=optimizer.state_dict(),
                                scheduler_state=scheduler.state_dict(), step=step, history=hist,
                                multi_label=multi_label, config=cfg, method="cls", stage="train-classifier",
-                               head="trained")
+                               head="trained", init=init_info, resumes=resumes)
 
     return train_loop(model, optimizer, scheduler, optim, batches, loss_fn, make_ckpt, checkpointer,
                       start_step=start_step, history=history, device=device, stage="train-classifier",

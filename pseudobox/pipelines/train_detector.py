@@ -22,7 +22,8 @@ from pseudobox.config import from_dict
 from pseudobox.datasets.ray_io import object_array
 from pseudobox.datasets.transforms import hflip
 from pseudobox.engine import (
-    OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_training, train_loop, unwrap,
+    OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_record, resume_training, run_init,
+    train_loop, unwrap,
 )
 from pseudobox.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from pseudobox.models.detectors import (
@@ -78,25 +79,26 @@ def initialise(model, arch: DetectorArch, init: dict, class_names: list[str] | N
     ``init``: ``{"detector": uri, "keep_class_layers": bool}`` (a detector, or a PreDet
     pre-training: backbone, FPN and RPN trunk), ``{"backbone": uri}`` (the
     ResNet of a detector of any kind), ``{"classifier": uri}`` or ``{}`` (random).
+    The description names the checkpoint (``checkpoint``: its URI) it started from.
     """
     if init.get("detector"):
         ckpt = load_checkpoint(init["detector"], expect_type=DETECTOR_INIT_TYPES)
         if ckpt["model_type"] == "predet":  # the checkpoint says what it holds
             from pseudobox.models.detectors import init_from_predet
 
-            return {"from": "predet", **init_from_predet(model, ckpt, arch)}
+            return {"from": "predet", "checkpoint": init["detector"], **init_from_predet(model, ckpt, arch)}
         info = transfer_detector_weights(model, ckpt, arch,
                                          class_names=class_names,
                                          keep_class_layers=bool(init.get("keep_class_layers", False)))
-        return {"from": "detector", **info}
+        return {"from": "detector", "checkpoint": init["detector"], **info}
     if init.get("backbone"):
         from pseudobox.models.detectors import init_backbone_from_detector
 
         info = init_backbone_from_detector(model, load_checkpoint(init["backbone"], expect_type="detector"), arch)
-        return {"from": "backbone", **info}
+        return {"from": "backbone", "checkpoint": init["backbone"], **info}
     if init.get("classifier"):
         info = init_backbone_from_classifier(model, load_checkpoint(init["classifier"], expect_type="classifier"), arch)
-        return {"from": "classifier", **info}
+        return {"from": "classifier", "checkpoint": init["classifier"], **info}
     return {"from": "random"}
 
 
@@ -159,10 +161,8 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     model = build_detector(arch, len(class_names))
     checkpointer = WorkerCheckpointer(local_dir)
     restored = checkpointer.restore()
-    if restored is None:
-        init_info = initialise(model, arch, config["init"], class_names)
-    else:  # the run's own init, as its first checkpoint recorded it
-        init_info = restored.get("init", {"from": "restored"})
+    init_info = run_init(restored, lambda: initialise(model, arch, config["init"], class_names))
+    resumes = resume_record(restored)
     model.to(device)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
@@ -178,7 +178,7 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     def make_ckpt(step, hist):
         return make_checkpoint("detector", config["arch"], class_names, unwrap(model).state_dict(),
                                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-                               step=step, history=hist, init=init_info, method=config["method"],
+                               step=step, history=hist, init=init_info, resumes=resumes, method=config["method"],
                                stage=config["stage"], config=config["config"])
 
     def export_weights(step):

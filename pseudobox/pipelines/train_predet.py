@@ -13,7 +13,8 @@ import numpy as np
 
 from pseudobox.config import from_dict
 from pseudobox.engine import (
-    OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_training, train_loop, unwrap,
+    OptimConfig, WorkerCheckpointer, build_optimizer, build_scheduler, resume_record, resume_training, run_init,
+    train_loop, unwrap,
 )
 from pseudobox.models.checkpoint import make_checkpoint
 from pseudobox.pipelines import train_detector, trainer
@@ -38,11 +39,9 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     model = build_predet(arch, len(class_names))
     checkpointer = WorkerCheckpointer(local_dir)
     restored = checkpointer.restore()
-    if restored is None:
-        # {"classifier": uri}: the ResNet from a classifier; {}: random, as in the paper.
-        init_info = train_detector.initialise(model, arch, config["init"])
-    else:  # the run's own init, as its first checkpoint recorded it
-        init_info = restored.get("init", {"from": "restored"})
+    # {"classifier": uri}: the ResNet from a classifier; {}: random, as in the paper.
+    init_info = run_init(restored, lambda: train_detector.initialise(model, arch, config["init"]))
+    resumes = resume_record(restored)
     model.to(device)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
@@ -56,8 +55,8 @@ def worker(config: dict, local_dir: str | None = None, batches=None) -> list:
     def make_ckpt(step, hist):
         return make_checkpoint(MODEL_TYPE, config["arch"], class_names, unwrap(model).state_dict(),
                                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-                               step=step, history=hist, init=init_info, method="predet", stage=config["stage"],
-                               loss=config["loss"], views=config["views"], config=config["config"])
+                               step=step, history=hist, init=init_info, resumes=resumes, method="predet",
+                               stage=config["stage"], loss=config["loss"], views=config["views"], config=config["config"])
 
     return train_loop(model, optimizer, scheduler, optim, batches, loss_fn, make_ckpt, checkpointer,
                       start_step=start_step, history=history, device=device, stage=config["stage"],

@@ -6,6 +6,13 @@ worker restarts the group from the latest checkpoint; re-running with the same o
 resumes too. After training the driver exports ``<output>/model.pt`` (weights without
 optimizer state) for the next stage.
 
+Ray Train keeps the newest ``num_to_keep`` checkpoints and forgets a checkpoint whose
+upload finished while the worker group was failing (or the driver was killed): such a
+directory stays in the run folder, untracked. After a successful ``fit`` the driver
+removes the ``checkpoint_*`` directories that neither the Result nor Ray Train's run
+snapshot (``checkpoint_manager_snapshot.json``) references, and logs them; when removal
+fails it names them in a warning (``remove_untracked_checkpoints``).
+
 The console gets one progress line per log step from rank 0 (``engine.train_loop``);
 Ray Train's own per-report ``TrainingReport(...)`` lines from every rank are dropped by
 the driver with Ray's other chatter (``pseudobox/console.py``) unless ``--verbose``.
@@ -13,7 +20,10 @@ the driver with Ray's other chatter (``pseudobox/console.py``) unless ``--verbos
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import posixpath
+import re
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +49,13 @@ class WorkersConfig:
         require(self.max_failures >= 0, "workers.max_failures must be >= 0")
 
 
+NUM_TO_KEEP = 3  # checkpoints Ray Train keeps per run (CheckpointConfig.num_to_keep)
+# Ray Train V2 names a checkpoint directory checkpoint_<date>_<time>.<microseconds>
+# (StorageContext.make_default_checkpoint_dir_name); the run snapshot is a file beside them.
+CHECKPOINT_DIR = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(\.\d+)?$")
+RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
 def run_config(output: str, max_failures: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
@@ -46,7 +63,7 @@ def run_config(output: str, max_failures: int):
     parent, name = os.path.dirname(path.rstrip("/")), os.path.basename(path.rstrip("/"))
     return RunConfig(name=name, storage_path=parent, storage_filesystem=fs,
                      failure_config=FailureConfig(max_failures=max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=3))
+                     checkpoint_config=CheckpointConfig(num_to_keep=NUM_TO_KEEP))
 
 
 TENSORBOARD_DIR = "tensorboard"
@@ -104,7 +121,70 @@ def fit(worker_fn, loop_config: dict, output: str, workers: WorkersConfig, datas
         datasets=datasets,
     )
     log.info("training on %d %s worker(s) → %s", workers.num_workers, "GPU" if use_gpu else "CPU", output)
-    return trainer.fit()
+    result = trainer.fit()
+    remove_untracked_checkpoints(result, output)
+    return result
+
+
+def snapshot_checkpoint_names(snapshot: dict) -> set[str]:
+    """Every ``checkpoint_dir_name`` that Ray Train's run snapshot references (kept, latest
+    and pending checkpoints): the directories a later restore may open."""
+    names: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "checkpoint_dir_name" and isinstance(value, str):
+                    names.add(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(snapshot)
+    return names
+
+
+def untracked_checkpoints(names: list[str], tracked: set[str]) -> list[str]:
+    """The checkpoint directories among ``names`` (entries of a run folder) that are not
+    ``tracked``; other entries (model.pt, the run snapshot, tensorboard/) are never listed."""
+    return sorted(n for n in names if CHECKPOINT_DIR.match(n) and n not in tracked)
+
+
+def remove_untracked_checkpoints(result, output: str) -> list[str]:
+    """Delete the checkpoint directories of the run folder ``output`` that Ray Train no
+    longer tracks: neither the Result (latest and kept checkpoints) nor the run snapshot
+    references them. Returns their names. Nothing is removed when the tracked set cannot
+    be read; a failed removal is a warning naming the directories, not a failed run."""
+    tracked = {posixpath.basename(c.path.rstrip("/")) for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        tracked.add(posixpath.basename(result.checkpoint.path.rstrip("/")))
+    try:
+        names = storage.listdir(output)
+        if RUN_SNAPSHOT in names:
+            tracked |= snapshot_checkpoint_names(json.loads(storage.read_bytes(storage.join(output, RUN_SNAPSHOT))))
+    except Exception as e:  # the run itself succeeded; cleaning up is secondary
+        log.warning("could not list the checkpoints of %s to remove untracked ones (%s); "
+                    "directories outside num_to_keep=%d may remain", output, e, NUM_TO_KEEP)
+        return []
+    if not tracked:
+        return []
+    orphans = untracked_checkpoints(names, tracked)
+    removed, failed = [], []
+    for name in orphans:
+        try:
+            storage.remove(storage.join(output, name), recursive=True)
+            removed.append(name)
+        except Exception as e:
+            failed.append(f"{name} ({e})")
+    if removed:
+        log.info("removed %d checkpoint(s) that Ray Train no longer tracks (outside num_to_keep=%d, or written "
+                 "during a failure) from %s: %s", len(removed), NUM_TO_KEEP, output, ", ".join(removed))
+    if failed:
+        log.warning("could not remove %d untracked checkpoint(s) from %s; delete them by hand: %s",
+                    len(failed), output, "; ".join(failed))
+    return removed
 
 
 def export_final(result, output: str) -> dict:

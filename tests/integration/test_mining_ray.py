@@ -74,7 +74,9 @@ def test_mining_streams_s3_shards_counts_bad_input_and_resumes(ray_local, s3_cor
     try:
         # Two actors holding all 4 of ray_local's CPUs: the read tasks that feed them
         # reserve none (the actors decode), so the pool is not starved.
-        summary = mine.run(_cfg(corpus, ckpt, out, min_actors=2, max_actors=2, cpus_per_actor=2.0))
+        # shard-000001 is cut short: its lost samples are accepted here, with a loud line.
+        summary = mine.run(_cfg(corpus, ckpt, out, min_actors=2, max_actors=2, cpus_per_actor=2.0,
+                                allow_missing=True))
     finally:
         logger.removeHandler(kept)
         logger.setLevel(level)
@@ -85,6 +87,8 @@ def test_mining_streams_s3_shards_counts_bad_input_and_resumes(ray_local, s3_cor
     progress = [line for line in lines if line.startswith("mine  shards ")]
     assert progress and progress[-1].startswith("mine  shards 4/4  images ") and " img/s  ETA " in progress[-1]
     assert any(line.startswith("mine  done  shards 4/4") for line in lines)
+    assert any("accepted by allow_missing=true" in line and "shard-000001.tar" in line for line in lines)
+    assert list(summary["missing_samples"]) == ["shard-000001.tar"]
     console = "".join(capfd.readouterr())
     assert "Execution plan of Dataset" not in console and "Starting execution of Dataset" not in console
 
@@ -101,12 +105,14 @@ def test_mining_streams_s3_shards_counts_bad_input_and_resumes(ray_local, s3_cor
     coco = json.loads(storage.read_bytes(out + "/pseudo_boxes.coco.json"))
     assert len(coco["annotations"]) == summary["boxes"]
 
-    # Resume: drop one part; only that shard is mined again.
+    # Resume: drop one part; only that shard is mined again. Without allow_missing, the
+    # samples still missing from the cut shard end the run, after everything is written.
     before = {s: r["written_at"] for s, r in reports.items()}
     storage.remove(outputs.part_uri(out, "shard-000002.tar"))
-    again = mine.run(_cfg(corpus, ckpt, out))
+    with pytest.raises(outputs.MissingSamplesError, match=r"shard-000001\.tar \(\d\)"):
+        mine.run(_cfg(corpus, ckpt, out))
     after = outputs.load_reports(out)
-    assert again["shards_this_run"] == 1
+    assert storage.read_json(out + "/mining.json")["shards_this_run"] == 1
     assert after["shard-000002.tar"]["written_at"] > before["shard-000002.tar"]
     assert all(after[s]["written_at"] == before[s] for s in before if s != "shard-000002.tar")
 

@@ -187,6 +187,7 @@ def test_local_worker_checkpoints_student_teacher_and_resumes_them_exactly(tmp_p
     resumed = finetune_ssod.worker({**config, "optim": optim(4)}, local_dir=str(tmp_path), batches=batches)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     after = read_checkpoint_file(str(tmp_path / "model.pt"))
+    assert after["init"] == saved["init"] == {"from": "random"}  # the run's own init, not "restored"
     assert after["resumes"] == [{"step": 3, "student": finetune_ssod.state_digest(saved["model_state"]),
                                  "teacher": finetune_ssod.state_digest(teacher_state)}]
 
