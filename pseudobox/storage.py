@@ -21,6 +21,7 @@ denied) are raised at once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -188,7 +189,7 @@ def s3_filesystem():
             client_kwargs={"region_name": region} if region else {},
             use_listings_cache=False,
             skip_instance_cache=True,
-            config_kwargs=BOTOCORE_CONFIG,
+            config_kwargs=copy.deepcopy(BOTOCORE_CONFIG),  # botocore rewrites its retries dict in place
         )
     return _S3_CACHE[key]
 

@@ -124,7 +124,7 @@ def plain_pool(monkeypatch):
         read.append(sorted(shards))
         return [storage.join(corpus, s) for s in shards]
 
-    def run_shard_pool(ds, actor, kwargs, cfg, use_gpu, writer, stage, expected, decode=None):
+    def run_shard_pool(ds, actor, kwargs, cfg, use_gpu, writer, stage, expected, decode=None, reread=None):
         for uri in ds:
             rows = [_row(r["key"], r["shard"], r["error"]) for r in iter_shard(uri)]
             writer.add_batch(_batch(rows))
