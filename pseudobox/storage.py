@@ -248,16 +248,20 @@ def exists(uri: str) -> bool:
     return retrying(uri, "exists", lambda: fs.exists(path))
 
 
-def listdir(uri: str) -> list[str]:
-    """Names (not paths) directly under a directory or prefix; empty if it does not exist."""
+def list_entries(uri: str) -> dict[str, dict]:
+    """``{name: listing entry}`` (``type``, ``size``, and on S3 the ``ETag``) directly under
+    a directory or prefix, from one listing; empty if it does not exist."""
     fs, path = split_uri(uri)
 
-    def names() -> list[str]:
-        if not fs.exists(path):
-            return []
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    def entries() -> list[dict]:
+        return fs.ls(path, detail=True) if fs.exists(path) else []
 
-    return retrying(uri, "list", names)
+    return {posixpath.basename(e["name"].rstrip("/")): e for e in retrying(uri, "list", entries)}
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) directly under a directory or prefix; empty if it does not exist."""
+    return sorted(list_entries(uri))
 
 
 def makedirs(uri: str) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import posixpath
 import time
 
 import numpy as np
@@ -87,13 +86,7 @@ def report_uri(out_uri: str, shard: str) -> str:
 
 def _listing(dir_uri: str) -> dict[str, dict]:
     """``{name: listing entry}`` of the files directly under ``dir_uri`` (one listing)."""
-    fs, path = storage.split_uri(dir_uri)
-
-    def entries() -> list[dict]:
-        return fs.ls(path, detail=True) if fs.exists(path) else []
-
-    return {posixpath.basename(e["name"].rstrip("/")): e for e in storage.retrying(dir_uri, "list", entries)
-            if e.get("type") != "directory"}
+    return {n: e for n, e in storage.list_entries(dir_uri).items() if e.get("type") != "directory"}
 
 
 def input_identities(root_uri: str, names: list[str]) -> dict[str, dict]:
@@ -271,17 +264,23 @@ class ShardPartWriter:
             if shard in self.reports:
                 self.late.setdefault(shard, []).append(row)
                 continue
-            seen = self.keys.setdefault(shard, set())
-            if str(row["key"]) in seen:
-                self.duplicates += 1
+            if not self._first_time(row, self.keys.setdefault(shard, set())):
                 continue
-            seen.add(str(row["key"]))
             self.buffers.setdefault(shard, []).append(row)
             self.samples[shard] = self.samples.get(shard, 0) + _is_sample(row)
             if self.samples[shard] >= self.expected.get(shard, float("inf")):
                 self.flush(shard)
                 done.append(shard)
         return done
+
+    def _first_time(self, row: dict, seen: set[str]) -> bool:
+        """Whether ``row``'s key is new to ``seen`` (then it is added); a repeat is counted."""
+        key = str(row["key"])
+        if key in seen:
+            self.duplicates += 1
+            return False
+        seen.add(key)
+        return True
 
     def _report(self, shard: str, rows: list[dict], previous: dict | None = None) -> dict:
         real = [r for r in rows if _is_sample(r)]
@@ -342,13 +341,7 @@ class ShardPartWriter:
         for shard, rows in self.late.items():
             old = read_part(part_uri(self.out_uri, shard))
             seen = set(old.column("key").to_pylist()) | self.keys.get(shard, set())
-            new = []
-            for r in rows:
-                if str(r["key"]) in seen:
-                    self.duplicates += 1
-                    continue
-                seen.add(str(r["key"]))
-                new.append(r)
+            new = [r for r in rows if self._first_time(r, seen)]
             self.keys[shard] = {k for k in seen if k.startswith("__")}
             if new:
                 table = pa.concat_tables([old, self._table(shard, new)])
@@ -376,7 +369,7 @@ def read_part(uri: str) -> pa.Table:
     to vouch for it (its shard was not finished)."""
     data = storage.read_bytes(uri)
     head, parts_dir, name = uri.rstrip("/").rsplit("/", 2)
-    rep_uri = storage.join(head, "reports", name[: -len(".parquet")] + ".json")
+    rep_uri = report_uri(head, name[: -len(".parquet")])
     if parts_dir != "parts" or not name.endswith(".parquet") or not storage.exists(rep_uri):
         raise PartError(f"part {uri} has no report ({rep_uri}): its shard was not finished; "
                         "re-run the stage to redo it")

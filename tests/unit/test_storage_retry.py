@@ -44,7 +44,11 @@ class FlakyS3:
 
     def ls(self, path, detail=False):
         self._maybe_fail("ls")
-        return sorted({path + "/" + k[len(path) + 1:].split("/")[0] for k in self.objects if k.startswith(path + "/")})
+        names = sorted({path + "/" + k[len(path) + 1:].split("/")[0] for k in self.objects if k.startswith(path + "/")})
+        if not detail:
+            return names
+        return [{"name": n, "type": "file" if n in self.objects else "directory", "size": len(self.objects.get(n, b""))}
+                for n in names]
 
     def open(self, path, mode="rb"):
         import io
